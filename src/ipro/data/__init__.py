@@ -1,0 +1,1 @@
+"""Video and image I/O, real footage that ships in packages, and the curated dataset."""

