@@ -1,0 +1,1 @@
+"""Trainers: IPRO (reward backprop through the last K steps), GRPO and SFT baselines."""

@@ -1,0 +1,196 @@
+"""Training configuration: one validated model with every field documented.
+
+Loaded from YAML before any compute. An unknown key or a wrong type is a one-line
+error naming the key (`ipro train --print-config` shows every field with its default
+and meaning). Sections: model, data, sampler, reward, kl, optim, grpo, run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ipro.errors import IproError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("builtin", description="Local diffusers-format folder of a Wan I2V model, or 'builtin' for the embedded small model.")
+    family: Literal["auto", "wan21-i2v", "wan22-ti2v", "wan22-i2v-a14b"] = Field("auto", description="Model family; 'auto' reads model_index.json.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype (bfloat16 on GPU).")
+    lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 means full fine-tuning of the trainable transformer.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+        description="Module names (peft target_modules) that get LoRA: attention q/k/v/o and the FFN.",
+    )
+    lightning_lora: str | None = Field(None, description="Path of a distilled few-step ('Lightning') LoRA to merge before training; its schedule is used without CFG.")
+    init_lora: str | None = Field(None, description="Start from this trained LoRA (a folder or .safetensors) instead of a fresh one.")
+    gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward to save memory.")
+
+
+class DataConfig(Section):
+    dataset: str = Field(..., description="Folder written by `ipro prepare` (holds manifest.parquet).")
+    height: int = Field(64, ge=16, description="Training height in pixels (multiple of the VAE stride x patch size).")
+    width: int = Field(64, ge=16, description="Training width in pixels.")
+    num_frames: int = Field(9, ge=1, description="Frames per generated clip; must be 4k+1.")
+    batch_size: int = Field(1, ge=1, description="Clips per forward pass (per process).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    default_prompt: str = Field("a person talking", description="Caption used when a clip has none.")
+
+    @model_validator(mode="after")
+    def _frames(self):
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames must be 4k+1 (e.g. 9, 17, 33, 81), got {self.num_frames}")
+        return self
+
+
+class SamplerConfig(Section):
+    num_steps: int = Field(8, ge=1, description="Denoising steps T of the on-policy rollout.")
+    grad_steps: int = Field(4, ge=1, description="K: the last K steps run with gradient (DRaFT-K); the first T-K under no_grad.")
+    grad_steps_min: int | None = Field(None, ge=1, description="If set, K is drawn uniformly from [grad_steps_min, grad_steps] each step (AlignProp).")
+    guidance_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance; 1.0 disables it (the paper's Lightning setting).")
+    shift: float | None = Field(None, gt=0, description="Flow-matching timestep shift; None keeps the scheduler's.")
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.grad_steps > self.num_steps:
+            raise ValueError(f"sampler.grad_steps ({self.grad_steps}) cannot exceed sampler.num_steps ({self.num_steps})")
+        return self
+
+
+class RewardConfig(Section):
+    kind: Literal["face", "feature"] = Field("face", description="'face': the identity reward; 'feature': a generic image-feature reward (the paper's CLIP ablation).")
+    mode: Literal["pool", "reference", "aligned"] = Field("pool", description="Face reward mode: 'pool' (FSM), 'reference' (input image's face), 'aligned' (gen frame i vs GT frame i).")
+    recognizer: str = Field("dlib", description="'dlib' or 'arcface:/path/backbone.pth'.")
+    weight: float = Field(0.1, description="w in loss = -w * normalized reward + beta * KL.")
+    norm_mean: float | None = Field(None, description="mu in (R - mu) / sigma; None uses the recognizer's measured default.")
+    norm_std: float | None = Field(None, gt=0, description="sigma in (R - mu) / sigma; None uses the recognizer's measured default.")
+    frame_stride: int = Field(1, ge=1, description="Score every N-th decoded frame.")
+    max_frames: int | None = Field(None, ge=1, description="Score at most this many frames (evenly spaced).")
+    exclude_first_frame: bool = Field(False, description="Pool mode: leave ground-truth frame 0 (the input image) out of the pool.")
+    no_face: Literal["zero", "skip"] = Field("skip", description="A sample without any face: reward 0, or leave it out of the mean.")
+    feature_encoder: str | None = Field(None, description="kind=feature: local transformers checkpoint of an image encoder (CLIP/DINO).")
+
+
+class KLConfig(Section):
+    weight: float = Field(1.0, ge=0, description="beta; 0 turns the KL regularizer off (an ablation).")
+    weighting: Literal["sigma", "uniform"] = Field("sigma", description="'sigma': ||v - v_ref||^2 / (2 sigma_t^2) as in the public code; 'uniform': plain mean.")
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Optimizer.")
+    lr: float = Field(2e-5, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (adamw).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; None disables clipping.")
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimizer step (effective batch = batch_size x grad_accum x processes).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the trainable parameters with this decay; None disables.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(8, ge=2, description="Videos sampled per input (G).")
+    kl_weight: float = Field(0.004, ge=0, description="KL penalty to the reference policy.")
+    clip_range: float = Field(1e-3, gt=0, description="PPO clip range of the probability ratio.")
+    eta: float = Field(0.7, ge=0, description="SDE noise level of the rollout sampler.")
+    inner_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    reward_model: str | None = Field(None, description="Learned identity reward model checkpoint; None uses the face-pool reward.")
+    reward_model_weight: float = Field(1.0, ge=0, description="Weight of the learned reward when mixed with the face reward.")
+    face_reward_weight: float = Field(1.0, ge=0, description="Weight of the face-pool reward in the mix.")
+
+
+class RunConfig(Section):
+    output_dir: str = Field("runs/ipro", description="Where checkpoints, logs and samples go.")
+    seed: int = Field(0, description="Seed for data order, noise and initialization.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep the last N checkpoints.")
+    log_every: int = Field(1, ge=1, description="Log scalars every N steps.")
+    sample_every: int | None = Field(None, ge=1, description="Write sample videos every N steps; None disables.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"], description="Loggers.")
+    max_nonfinite: int = Field(5, ge=1, description="Abort after this many non-finite losses in a row (each is skipped).")
+    device: str | None = Field(None, description="Force a device; None lets accelerate choose.")
+
+
+class TrainConfig(Section):
+    """Everything `ipro train` needs. YAML keys mirror these fields."""
+
+    method: Literal["ipro", "grpo", "sft"] = Field("ipro", description="'ipro' reward backprop, 'grpo' group policy optimization, 'sft' flow-matching on GT clips.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; see `ipro train --print-config` for the valid keys"
+    if e["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    if e["type"] == "value_error":  # our own cross-field checks already name their keys
+        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
+    return f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Read and validate a YAML config; `overrides` are dotted keys ('optim.lr': 1e-4)."""
+    data: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise IproError(f"{path}: config file not found; see configs/ for presets")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise IproError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(data, dict):
+            raise IproError(f"{path}: top level must be a mapping of sections (model, data, ...)")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise IproError(f"override '{dotted}': '{p}' is not a section")
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise IproError(_one_line(e, source)) from None
+
+
+def describe_defaults() -> str:
+    """YAML of every field with its default and its description as a comment."""
+    lines: list[str] = []
+
+    def walk(model_cls: type[BaseModel], indent: str) -> None:
+        for name, field in model_cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.append(f"{indent}{name}:")
+                walk(ann, indent + "  ")
+                continue
+            default = "<required>" if field.is_required() else field.get_default(call_default_factory=True)
+            value = default if default == "<required>" else yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{indent}{name}: {value}  # {field.description}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines) + "\n"
