@@ -39,10 +39,12 @@ def test_carphone_and_astronaut_detected_and_separated(embedder, carphone, astro
     sim = faces.embeddings @ faces.embeddings.T
     same = sim[~torch.eye(len(sim), dtype=torch.bool)]
     cross = faces.embeddings @ astro.embeddings[0]
-    # Measured: same-person min 0.923 (mean 0.961); carphone vs astronaut max 0.848 (mean 0.820).
-    assert same.min() > 0.9
-    assert cross.max() < 0.87
-    assert same.min() - cross.max() > 0.05
+    # Measured (MTCNN + our alignment + dlib port, 12 frames): same person min 0.942,
+    # mean 0.978; carphone vs astronaut max 0.829, mean 0.821. A gap of 0.11 on dlib's
+    # narrow cosine band.
+    assert same.min() > 0.92
+    assert cross.max() < 0.85
+    assert same.min() - cross.max() > 0.08
 
 
 def test_records_and_frame_lookup(embedder, carphone):
@@ -69,7 +71,12 @@ def test_gradients_reach_pixels(embedder, carphone):
 
 
 def test_finite_differences_match_autograd_float64(embedder, carphone):
-    """Directional derivative through alignment + recognizer, in float64."""
+    """Directional derivative through alignment + recognizer, in float64.
+
+    The recognizer is piecewise linear (ReLU, max-pool): a step along a random direction
+    over all pixels crosses kinks unless it is tiny, so we use 1e-7, where float64
+    round-off is still ~1e-9. Measured: FD -3.24576518 vs autograd -3.24576517.
+    """
     import copy
 
     rec64 = copy.deepcopy(embedder.recognizer).double()
@@ -86,11 +93,12 @@ def test_finite_differences_match_autograd_float64(embedder, carphone):
 
     v = video.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(f(v), v)
-    eps = 1e-4
+    eps = 1e-7
     with torch.no_grad():
         fd = (f(video + eps * direction) - f(video - eps * direction)) / (2 * eps)
     analytic = (grad * direction).sum()
-    assert torch.allclose(fd, analytic, rtol=1e-5, atol=1e-8), (fd, analytic)
+    assert analytic.abs() > 0.1
+    assert torch.allclose(fd, analytic, rtol=1e-6, atol=1e-8), (fd, analytic)
 
 
 def test_no_face_video_gives_empty_result(embedder, carphone):

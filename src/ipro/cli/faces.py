@@ -97,7 +97,7 @@ def faces_command(
         with_face = sum(1 for fr in rec["frames"] if fr["faces"])
         sizes = [max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) for f in faces]
         table.add_row(
-            rec["path"], str(len(rec["frames"])), f"{with_face} ({100 * with_face / max(1, len(rec['frames'])):.0f}%)",
+            Path(rec["path"]).name, str(len(rec["frames"])), f"{with_face} ({100 * with_face / max(1, len(rec['frames'])):.0f}%)",
             str(len(faces)), f"{np.mean([f['score'] for f in faces]):.3f}" if faces else "-",
             f"{max(sizes):.0f}" if sizes else "-",
         )

@@ -68,7 +68,10 @@ def warp_faces(
     px_to_in = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]], device=images.device)
     inv3 = torch.cat([inv, inv.new_tensor([0, 0, 1]).expand(n, 1, 3)], 1)
     theta = (px_to_in @ inv3 @ out_to_px)[:, :2]
-    src = images[image_index]
-    grid = F.affine_grid(theta.to(torch.float32), [n, c, size, size], align_corners=False)
-    chips = F.grid_sample(src.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # Resample in at least float32 (half-precision grids lose sub-pixel accuracy), and in
+    # float64 when the images are, so finite-difference checks stay exact.
+    work = torch.promote_types(images.dtype, torch.float32)
+    src = images[image_index].to(work)
+    grid = F.affine_grid(theta.to(work), [n, c, size, size], align_corners=False)
+    chips = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return chips.to(images.dtype)

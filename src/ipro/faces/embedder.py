@@ -131,8 +131,10 @@ class FaceEmbedder(nn.Module):
         return self.recognizer.embedding_dim
 
     def _to_unit(self, video: torch.Tensor) -> torch.Tensor:
+        # No clamp here: decoded frames overshoot [0, 1] a little, and a clamp would cut
+        # their gradient. Detection clamps its own (detached) copy.
         lo, hi = self.value_range
-        return ((video - lo) / (hi - lo)).clamp(0, 1)
+        return (video - lo) / (hi - lo)
 
     @torch.no_grad()
     def detect(self, frames: torch.Tensor, chunk: int = 64) -> list[Detections]:
@@ -168,13 +170,14 @@ class FaceEmbedder(nn.Module):
         else:
             boxes, scores, landmarks = (torch.zeros(0, 4, device=dev), torch.zeros(0, device=dev), torch.zeros(0, 5, 2, device=dev))
         rec = self.recognizer
-        chips = warp_faces(frames.float(), flat_index, landmarks, rec.template, rec.input_size)
+        work = torch.promote_types(video.dtype, torch.float32)
+        chips = warp_faces(frames.to(work), flat_index, landmarks, rec.template, rec.input_size)
         param = next(rec.parameters())
         if chips.shape[0]:
-            emb = rec(chips.to(device=param.device, dtype=param.dtype)).float()
+            emb = rec(chips.to(device=param.device, dtype=param.dtype)).to(work)
         else:
             # Keep the graph connected so a batch without faces still backpropagates (zeros).
-            emb = chips.new_zeros(0, rec.embedding_dim) + 0.0 * video.sum()
+            emb = chips.new_zeros(0, rec.embedding_dim, dtype=work) + 0.0 * video.sum()
         has_face = (counts > 0).view(b, f).to(dev)
         return VideoFaces(
             sample=flat_index // f, frame=flat_index % f, boxes=boxes, scores=scores, landmarks=landmarks,
@@ -183,5 +186,5 @@ class FaceEmbedder(nn.Module):
 
     def forward(self, video: torch.Tensor) -> VideoFaces:
         validate_video(video, self.value_range)
-        detections = self.detect(self._to_unit(video.detach().flatten(0, 1)))
+        detections = self.detect(self._to_unit(video.detach().flatten(0, 1)).clamp(0, 1))
         return self.embed(video, detections)
