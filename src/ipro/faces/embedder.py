@@ -102,6 +102,10 @@ class FaceEmbedder(nn.Module):
         max_faces: keep at most this many faces per frame (highest score first).
         detect_max_side: frames larger than this are downscaled for detection only;
             landmarks are mapped back, so alignment still reads full-resolution pixels.
+        min_face_size: smallest face (pixels) the detector looks for.
+        dtype: run the detector's and recognizer's networks in this dtype (e.g.
+            torch.bfloat16: 3-4x faster on CPUs with AMX/AVX-512-bf16 and on GPUs);
+            None keeps their float32 weights. Alignment always runs in >= float32.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class FaceEmbedder(nn.Module):
         max_faces: int | None = None,
         detect_max_side: int | None = 640,
         min_face_size: int = 20,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if detector is None:
@@ -121,6 +126,9 @@ class FaceEmbedder(nn.Module):
             detector = MTCNN.from_package(min_face_size=min_face_size)
         self.detector = detector.eval().requires_grad_(False)
         self.recognizer = load_recognizer(recognizer) if isinstance(recognizer, str) else recognizer
+        if dtype is not None:
+            self.detector.to(dtype)
+            self.recognizer.to(dtype)
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.min_score = min_score
         self.max_faces = max_faces

@@ -26,8 +26,12 @@ _NMS_BLOCK = 1 << 22
 _CROP_CHUNK = 2048
 
 
-def _normalize(x255: torch.Tensor) -> torch.Tensor:
-    return (x255 - 127.5) * 0.0078125
+def _normalize(x255: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    # channels_last: the nets' small convolutions run ~2x faster on CPU in this layout.
+    # The nets may be cast to bfloat16 (faster on CPUs with bf16 units); geometry and
+    # NMS stay in float32, so only the conv stacks run at low precision.
+    x = (x255 - 127.5) * 0.0078125
+    return x.to(net.conv1.weight.dtype).contiguous(memory_format=torch.channels_last)
 
 
 def _flatten_caffe(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ class PNet(nn.Module):
         """Returns face probability (N, h, w) and box offsets (N, 4, h, w)."""
         x = self.pool1(self.prelu1(self.conv1(x)))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return self.conv4_1(x).softmax(1)[:, 1], self.conv4_2(x)
+        return self.conv4_1(x).float().softmax(1)[:, 1], self.conv4_2(x).float()
 
 
 class RNet(nn.Module):
@@ -72,7 +76,7 @@ class RNet(nn.Module):
         x = self.pool1(self.prelu1(self.conv1(x)))
         x = self.pool2(self.prelu2(self.conv2(x)))
         x = self.prelu4(self.dense4(_flatten_caffe(self.prelu3(self.conv3(x)))))
-        return self.dense5_1(x).softmax(1)[:, 1], self.dense5_2(x)
+        return self.dense5_1(x).float().softmax(1)[:, 1], self.dense5_2(x).float()
 
 
 class ONet(nn.Module):
@@ -98,7 +102,7 @@ class ONet(nn.Module):
         x = self.pool2(self.prelu2(self.conv2(x)))
         x = self.pool3(self.prelu3(self.conv3(x)))
         x = self.prelu5(self.dense5(_flatten_caffe(self.prelu4(self.conv4(x)))))
-        return self.dense6_1(x).softmax(1)[:, 1], self.dense6_2(x), self.dense6_3(x)
+        return self.dense6_1(x).float().softmax(1)[:, 1], self.dense6_2(x).float(), self.dense6_3(x).float()
 
 
 class MTCNN(nn.Module):
@@ -153,7 +157,7 @@ class MTCNN(nn.Module):
             except Exception as e:  # unpickling and key/shape mismatches raise many types
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise IproError(f"{path} is not a valid MTCNN {name} state dict ({reason}); {hint}") from e
-        return model
+        return model.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_package(cls, **kw) -> "MTCNN":
@@ -232,7 +236,7 @@ class MTCNN(nn.Module):
         corner = x.new_tensor([1.0, 1.0, 12.0, 12.0])  # 12x12 cell, 1-based like the original
         for i, scale in enumerate(self._scales(h, w)):
             level_img = F.interpolate(x, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-            prob, reg = self.pnet(_normalize(level_img))
+            prob, reg = self.pnet(_normalize(level_img, self.pnet))
             b, r, c = (prob >= self.thresholds[0]).nonzero(as_tuple=True)
             score = prob[b, r, c]
             top = _top_per_group(score, b, self.max_candidates)
@@ -255,7 +259,7 @@ class MTCNN(nn.Module):
     def _refine(self, integral: torch.Tensor, boxes: torch.Tensor, img: torch.Tensor):
         """R-Net: drops non-faces, returns refined square boxes, scores, image index."""
         boxes, img = _drop_empty(boxes, img)
-        prob, reg = self.rnet(_normalize(_crop_resize(integral, boxes, img, 24)))
+        prob, reg = self.rnet(_normalize(_crop_resize(integral, boxes, img, 24), self.rnet))
         keep = prob > self.thresholds[1]
         boxes, prob, reg, img = boxes[keep], prob[keep], reg[keep], img[keep]
         keep = _nms(boxes, prob, img, 0.7)
@@ -264,7 +268,7 @@ class MTCNN(nn.Module):
     def _output(self, integral: torch.Tensor, boxes: torch.Tensor, img: torch.Tensor):
         """O-Net: final boxes, scores, landmarks (K, 5, 2) and image index."""
         boxes, img = _drop_empty(boxes, img)
-        prob, reg, points = self.onet(_normalize(_crop_resize(integral, boxes, img, 48)))
+        prob, reg, points = self.onet(_normalize(_crop_resize(integral, boxes, img, 48), self.onet))
         keep = prob > self.thresholds[2]
         boxes, prob, reg, points, img = boxes[keep], prob[keep], reg[keep], points[keep], img[keep]
         size = boxes[:, 2:] - boxes[:, :2] + 1

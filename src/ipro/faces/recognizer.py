@@ -29,7 +29,9 @@ class FaceRecognizer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         # (5, 2) x, y in chip pixels: left eye, right eye, nose, left/right mouth corner.
-        self.register_buffer("template", torch.zeros(5, 2), persistent=False)
+        # A plain float32 CPU tensor, not a buffer: casting the network to bfloat16 must
+        # not round the template (47.549 -> 47.5 would shift every chip).
+        self.template = torch.zeros(5, 2)
 
     def embed_chips(self, chips: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
