@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPEATS = 3
+REPEATS = 5
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
