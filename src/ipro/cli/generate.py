@@ -1,0 +1,155 @@
+"""`ipro generate`: image-to-video with a (fine-tuned) model, one mp4 per input image.
+
+Each video gets its own seed (--seed + its index), so a video does not depend on the batch
+size or on the other inputs. Next to every mp4 a .json file records the settings that
+made it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+
+from ipro import __version__
+from ipro.cli.main import app
+from ipro.errors import IproError
+
+MAX_AREA = 480 * 832  # default output area (Wan's 480p), keeping the image's aspect ratio
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None, num_images: int) -> list[str]:
+    """One prompt per image from --prompt or --prompts (one line for all, or one line per image)."""
+    if prompt is not None and prompts_file is not None:
+        raise IproError("--prompt and --prompts: pass one of them, not both")
+    if prompts_file is None:
+        return [prompt or ""] * num_images
+    if not prompts_file.is_file():
+        raise IproError(f"{prompts_file}: no such prompts file; pass a text file with one prompt per line")
+    lines = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise IproError(f"{prompts_file}: has no prompts; write one prompt per line")
+    if len(lines) == 1:
+        return lines * num_images
+    if len(lines) != num_images:
+        raise IproError(f"{prompts_file}: has {len(lines)} prompts for {num_images} images; write one line for all or one per image")
+    return lines
+
+
+def default_size(image_hw: tuple[int, int], multiple: int, max_area: int = MAX_AREA) -> tuple[int, int]:
+    """The image's aspect ratio at no more than max_area pixels, rounded to the model's multiple."""
+    h, w = image_hw
+    scale = min(1.0, math.sqrt(max_area / (h * w)))
+    return max(multiple, int(h * scale) // multiple * multiple), max(multiple, int(w * scale) // multiple * multiple)
+
+
+def fit_image(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Resize to cover (height, width) and center-crop: (3, H, W) float in [0, 1]."""
+    from PIL import Image, ImageOps
+
+    fitted = ImageOps.fit(Image.fromarray(image), (width, height), method=Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def output_names(images: list[Path]) -> list[str]:
+    stems = [p.stem for p in images]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{stem}_{i}" for i, stem in enumerate(stems)]
+
+
+@app.command("generate")
+def generate(
+    images: list[Path] = typer.Argument(..., help="First-frame images; one video per image."),
+    model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the .mp4 files and their .json settings."),
+    prompt: str = typer.Option(None, "--prompt", help="One prompt for every image."),
+    prompts: Path = typer.Option(None, "--prompts", help="Text file: one line for all images, or one line per image."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Used when --guidance > 1."),
+    lora: Path = typer.Option(None, "--lora", help="LoRA weights from `ipro train` (file or folder)."),
+    lightning: Path = typer.Option(None, "--lightning", help="Distilled few-step LoRA to merge; defaults to its 4-step, no-CFG schedule."),
+    family: str = typer.Option(None, "--family", help="Model family; detected from model_index.json by default."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first video; video i uses seed + i."),
+    num_frames: int = typer.Option(81, "--num-frames", help="Frames per video: 4k+1 (81 = 5 s at 16 fps)."),
+    height: int = typer.Option(None, "--height", help="Output height (with --width); default: the image's aspect at 480p area."),
+    width: int = typer.Option(None, "--width", help="Output width (with --height)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps (default: the model's, 4 with --lightning)."),
+    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the model's; 1 disables)."),
+    shift: float = typer.Option(None, "--shift", help="Override the scheduler's timestep shift."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Videos generated at once."),
+    fps: float = typer.Option(None, "--fps", help="Frame rate of the written mp4 (default: the model family's)."),
+    device: str = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda when available)."),
+) -> None:
+    """Generate a video from each image with a Wan image-to-video model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ipro.data.video import read_image, write_video
+    from ipro.models import FAMILIES, detect_family, load_model
+    from ipro.sampling import sample
+
+    # Everything that can be checked without loading weights is checked first.
+    for path in images:
+        if not path.is_file():
+            raise IproError(f"{path}: no such image; check the path")
+    all_prompts = read_prompts(prompt, prompts, len(images))
+    if (height is None) != (width is None):
+        raise IproError("--height and --width: pass both or neither")
+    family = family or detect_family(model)
+    if family not in FAMILIES:
+        raise IproError(f"--family {family!r}: unknown; use one of {', '.join(FAMILIES)}")
+    family_cls = FAMILIES[family]
+    if height is None:
+        height, width = default_size(read_image(images[0]).shape[:2], family_cls.pixel_multiple())
+    family_cls.check_shape(num_frames, height, width)
+    for path, name in ((lora, "--lora"), (lightning, "--lightning")):
+        if path is not None and not path.exists():
+            raise IproError(f"{path}: {name} file not found; check the path")
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning)
+    fps = fps or vm.fps
+    names = output_names(images)
+    out.mkdir(parents=True, exist_ok=True)
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress, torch.no_grad():
+        task = progress.add_task("generating", total=len(images))
+        for start in range(0, len(images), batch_size):
+            idx = list(range(start, min(start + batch_size, len(images))))
+            batch = torch.stack([fit_image(read_image(images[i]), height, width) for i in idx])
+            cond = vm.prepare_condition(batch, [all_prompts[i] for i in idx], num_frames, height, width, negative_prompt)
+            shape = vm.latent_shape(1, num_frames, height, width)
+            noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
+            rollout = sample(vm, cond, steps, guidance_scale=guidance, shift=shift, noise=noise)
+            videos = vm.decode(rollout.latents)
+            for j, i in enumerate(idx):
+                frames = (videos[j].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+                video_path = out / f"{names[i]}.mp4"
+                write_video(video_path, frames, fps=fps)
+                settings = {
+                    "video": video_path.name,
+                    "image": str(images[i]),
+                    "prompt": all_prompts[i],
+                    "negative_prompt": negative_prompt,
+                    "model": str(model),
+                    "family": vm.family,
+                    "lora": str(lora) if lora else None,
+                    "lightning": str(lightning) if lightning else None,
+                    "seed": seed + i,
+                    "num_frames": num_frames,
+                    "height": height,
+                    "width": width,
+                    "steps": len(rollout.schedule),
+                    "guidance": rollout.guidance_scale,
+                    "shift": shift if shift is not None else vm.scheduler.config.get("shift", vm.scheduler.config.get("flow_shift")),
+                    "fps": fps,
+                    "ipro_version": __version__,
+                }
+                video_path.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
+                progress.advance(task)
+    typer.echo(f"wrote {len(images)} video(s) to {out}")

@@ -1,0 +1,302 @@
+"""The one interface trainers, samplers and `ipro generate` use to drive a video model.
+
+A model family (Wan 2.1 I2V, Wan 2.2 TI2V, ...) is one subclass of `VideoModel` in one file,
+registered with `@register_family`. Everything above this layer (sampling, IPRO, GRPO,
+generation) only calls the methods below, so a new family never touches a trainer.
+
+Conventions
+- Latents are (B, C, F, h, w) float32 in the normalized space the transformer sees.
+- `t` is the scheduler's timestep in [0, num_train_timesteps] (what the transformer is fed);
+  `sigma` = t / num_train_timesteps is the flow-matching noise level:
+  x_t = sigma * noise + (1 - sigma) * x0 and the model predicts v = noise - x0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ipro.errors import IproError
+
+
+@dataclass
+class Condition:
+    """Everything a model needs besides x_t and t, for a batch of B videos.
+
+    Tensor fields have the batch first. Which optional fields are set depends on the family
+    (Wan 2.1 uses CLIP `image_embeds`; Wan 2.2 TI2V uses `first_frame_mask`).
+    """
+
+    prompt_embeds: torch.Tensor  # (B, L, D) text encoder output
+    num_frames: int
+    height: int
+    width: int
+    negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D), for classifier-free guidance
+    image_latents: torch.Tensor | None = None  # family-specific latent-space image conditioning
+    image_embeds: torch.Tensor | None = None  # (B, N, D_img) image encoder tokens
+    first_frame_mask: torch.Tensor | None = None  # (1, 1, F, h, w): 0 where the image latent is imposed
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn) -> "Condition":
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # first_frame_mask is shared by the batch (leading dim 1), so it is left alone.
+            out[f.name] = fn(value) if torch.is_tensor(value) and f.name != "first_frame_mask" else value
+        return Condition(**out)
+
+    def repeat_interleave(self, n: int) -> "Condition":
+        """Each video's condition n times in a row (a GRPO group per prompt)."""
+        return self._map(lambda x: x.repeat_interleave(n, dim=0))
+
+    def select(self, index) -> "Condition":
+        """A sub-batch: an int, slice, list or bool mask over the batch."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._map(lambda x: x[index])
+
+    def to(self, device) -> "Condition":
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if torch.is_tensor(getattr(self, f.name))
+            },
+        )
+
+
+class VideoModel:
+    """An image-to-video flow-matching model with its text/image encoders, VAE and scheduler.
+
+    Subclasses set the class attributes and implement the methods that raise NotImplementedError.
+    """
+
+    family: str = ""  # registry name, e.g. "wan2.1-i2v"
+    fps: float = 16.0  # frame rate the family was trained at; used when writing videos
+    num_train_timesteps: int = 1000
+    # The latent geometry is fixed per family (a checkpoint that disagrees is refused at load).
+    scale_factor_temporal: int = 4  # pixel frames per latent frame (after the first)
+    scale_factor_spatial: int = 8  # pixels per latent pixel
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # transformer patching (t, h, w) of latents
+    latent_channels: int = 16
+
+    # Sampling defaults; a distilled ("Lightning") LoRA changes them to its few-step schedule.
+    default_steps: int = 50
+    default_guidance: float = 5.0
+    default_sigmas: list[float] | None = None  # unshifted custom sigmas (the scheduler shifts them)
+
+    device: torch.device = torch.device("cpu")
+    scheduler = None  # a diffusers scheduler; samplers read its sigmas and timesteps
+
+    # --- Registry ------------------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, model_index: dict, transformer_config: dict) -> bool:
+        """Whether a diffusers folder with this model_index.json / transformer config is this family."""
+        return False
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **options) -> "VideoModel":
+        raise NotImplementedError
+
+    # --- Shapes (class-level: checkable before loading weights) -------------------------
+
+    @classmethod
+    def pixel_multiple(cls) -> int:
+        """Height and width must be multiples of this (VAE downsampling x transformer patching)."""
+        return cls.scale_factor_spatial * max(cls.patch_size[1], cls.patch_size[2])
+
+    @classmethod
+    def check_shape(cls, num_frames: int, height: int, width: int) -> None:
+        """Raise an IproError unless the video shape is one this family can generate."""
+        s, m = cls.scale_factor_temporal, cls.pixel_multiple()
+        if num_frames < 1 or (num_frames - 1) % s != 0:
+            lo = max(1, (num_frames - 1) // s * s + 1)
+            raise IproError(
+                f"num_frames={num_frames}: {cls.family} needs {s}k+1 frames (the VAE packs {s} frames per latent); "
+                f"use {lo} or {lo + s}"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value < m or value % m != 0:
+                near = max(m, value // m * m)
+                raise IproError(
+                    f"{name}={value}: {cls.family} needs a multiple of {m} "
+                    f"(VAE x{cls.scale_factor_spatial} times patch {cls.patch_size[1]}); use {near}"
+                )
+
+    @classmethod
+    def latent_shape(cls, batch_size: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        cls.check_shape(num_frames, height, width)
+        return (
+            batch_size,
+            cls.latent_channels,
+            (num_frames - 1) // cls.scale_factor_temporal + 1,
+            height // cls.scale_factor_spatial,
+            width // cls.scale_factor_spatial,
+        )
+
+    @classmethod
+    def latent_frame_of(cls, frame: int) -> int:
+        """The latent frame that decodes to output frame `frame` (frame 0 has its own latent)."""
+        return 0 if frame == 0 else (frame - 1) // cls.scale_factor_temporal + 1
+
+    # --- Conditioning and denoising ------------------------------------------------------
+
+    def prepare_condition(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        num_frames: int,
+        height: int,
+        width: int,
+        negative_prompt: str | None = "",
+    ) -> Condition:
+        """Encode first frames (B, 3, H, W) float in [0, 1] and B prompts (text embeddings are cached)."""
+        raise NotImplementedError
+
+    def velocity(self, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
+        """v(x_t, t) with the current (trainable) weights, float32 like x_t. CFG when guidance_scale > 1."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reference_velocity(self, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
+        """v(x_t, t) of the model before fine-tuning (the KL anchor), without gradient."""
+        with self.reference_weights():
+            return self.velocity(x_t, t, cond, guidance_scale)
+
+    @contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """Inside this block `velocity` uses the weights before fine-tuning."""
+        yield
+
+    def impose_first_frame(self, x: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """Overwrite the latents that are given rather than generated (identity for most families)."""
+        return x
+
+    def generated_mask(self, cond: Condition) -> torch.Tensor | None:
+        """1 where latents are generated and 0 where `impose_first_frame` overwrites them; None if nowhere."""
+        return None
+
+    def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
+        """Latents -> video (B, F, 3, H, W) float in [0, 1], differentiable w.r.t. the latents."""
+        raise NotImplementedError
+
+    # --- Training ------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    @property
+    def trainable_module(self) -> torch.nn.Module | None:
+        """The module whose parameters train (wrap this one with DDP/FSDP), or None."""
+        return None
+
+    def save_lora(self, directory: str | Path) -> Path:
+        raise NotImplementedError
+
+    def load_lora(self, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def to(self, device) -> "VideoModel":
+        raise NotImplementedError
+
+
+def scheduler_with_shift(scheduler, shift: float):
+    """A copy of a flow-matching scheduler (FlowMatchEuler or UniPC with flow sigmas) with another shift."""
+    key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
+    return type(scheduler).from_config(scheduler.config, **{key: shift})
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars, deprecation or fallback chatter while loading or saving components."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_bar, t_bar = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' torch_dtype -> dtype rename
+            yield
+    finally:
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
+        if d_bar:
+            dlog.enable_progress_bar()
+        if t_bar:
+            tlog.enable_progress_bar()
+
+
+# --- Registry and loading ----------------------------------------------------------------
+
+FAMILIES: dict[str, type[VideoModel]] = {}
+
+
+def register_family(cls: type[VideoModel]) -> type[VideoModel]:
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def read_model_index(path: str | Path) -> tuple[dict, dict]:
+    """model_index.json and transformer/config.json of a diffusers folder, with IproErrors if missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise IproError(
+            f"{path}: model folder does not exist; pass a diffusers-format folder containing model_index.json "
+            "(e.g. a download of Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
+        )
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise IproError(f"{index_file}: missing; {path} is not a diffusers-format model folder")
+    try:
+        model_index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IproError(f"{index_file}: not valid JSON ({e}); re-download the model") from None
+    config_file = path / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise IproError(f"{config_file}: missing; the model folder needs a transformer/ subfolder with its config")
+    return model_index, json.loads(config_file.read_text())
+
+
+def detect_family(path: str | Path) -> str:
+    model_index, transformer_config = read_model_index(path)
+    for name, cls in FAMILIES.items():
+        if cls.matches(model_index, transformer_config):
+            return name
+    raise IproError(
+        f"{Path(path) / 'model_index.json'}: pipeline {model_index.get('_class_name')!r} is not a supported model "
+        f"family; pass --family with one of {', '.join(FAMILIES)}"
+    )
+
+
+def load_model(path: str | Path, family: str | None = None, **options) -> VideoModel:
+    """Load a local diffusers-format folder as a `VideoModel`.
+
+    family: one of FAMILIES, or None to detect it from model_index.json. options go to the
+    family's `from_pretrained` (dtype, device, finetune, lora, lora_rank, lightning, ...).
+    """
+    import ipro.models  # noqa: F401  (imports the family modules so they register)
+
+    read_model_index(path)
+    if family is None:
+        family = detect_family(path)
+    if family not in FAMILIES:
+        raise IproError(f"family {family!r}: unknown; use one of {', '.join(FAMILIES)}")
+    return FAMILIES[family].from_pretrained(path, **options)

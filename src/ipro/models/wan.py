@@ -1,0 +1,492 @@
+"""Wan 2.1 / 2.2 image-to-video models on diffusers' `WanImageToVideoPipeline`.
+
+Three families share this file because they share the pipeline; what differs is read from
+the checkpoint's own config:
+- Wan 2.1 I2V: the image latent and a 4-channel mask are concatenated to x_t on channels
+  (16 + 4 + 16 = 36 in), plus CLIP image tokens in cross-attention (`image_dim`).
+- Wan 2.2 TI2V-5B (`expand_timesteps`): the first-frame latent is written into x_t before
+  every step and its tokens get timestep 0; 48 latent channels, VAE x16, so H, W % 32 == 0.
+- Wan 2.2 I2V-A14B: two 2.1-style experts; `transformer` for t >= boundary_ratio * 1000
+  (high noise), `transformer_2` below. Only the low-noise expert is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanImageToVideoPipeline
+
+from ipro.errors import IproError
+from ipro.models.base import Condition, VideoModel, quiet_loading, read_model_index, register_family, scheduler_with_shift
+
+# Attention q/k/v/o (self and text cross-attention) and the FFN of every block.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+TEXT_TOKENS = 512  # Wan's cross-attention assumes exactly 512 text tokens (image tokens come first)
+ADAPTER = "default"
+
+
+def _lora_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise IproError(f"{path}: no .safetensors file in this {what} folder; pass the LoRA file or its folder")
+        preferred = path / "pytorch_lora_weights.safetensors"
+        return preferred if preferred in files else files[0]
+    if not path.is_file():
+        raise IproError(f"{path}: {what} not found; check the path")
+    return path
+
+
+class WanModel(VideoModel):
+    """A Wan checkpoint driven through the `VideoModel` interface (see the module docstring)."""
+
+    pipeline_class = WanImageToVideoPipeline  # its LoRA loader/saver defines the file format
+
+    # --- Loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        finetune: str | None = None,
+        lora: str | Path | None = None,
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lightning: str | Path | Sequence[str | Path] | None = None,
+        lightning_steps: int = 4,
+        lightning_shift: float = 5.0,
+        gradient_checkpointing: bool = False,
+        vae_tiling: bool = False,
+        vae_dtype: torch.dtype = torch.float32,
+    ) -> "WanModel":
+        """Load a local diffusers folder.
+
+        dtype: transformer and text/image encoders (bf16 on GPU); the VAE stays in `vae_dtype`.
+        finetune: None (inference), "lora" (peft LoRA on the trainable expert) or "full".
+        lora: LoRA weights to load; with finetune="lora" they initialize the trained adapter (resume).
+        lightning: a distilled few-step LoRA file (one per expert for A14B, or one for both) that is
+            merged into the base weights; sampling then defaults to `lightning_steps` steps with
+            `lightning_shift` and no classifier-free guidance.
+        """
+        from diffusers import AutoencoderKLWan
+
+        path = Path(path)
+        model_index, _ = read_model_index(path)
+        for name, spec in model_index.items():
+            if isinstance(spec, list) and spec and spec[0] is not None and not (path / name).is_dir():
+                raise IproError(f"{path / name}: missing; model_index.json lists component '{name}'")
+        if finetune not in (None, "lora", "full"):
+            raise IproError(f"finetune={finetune!r}: use 'lora', 'full' or None")
+        dtype = dtype or torch.float32
+        try:
+            with quiet_loading():
+                vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+                pipe = cls.pipeline_class.from_pretrained(path, vae=vae, torch_dtype=dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise IproError(f"{path}: could not load the model ({reason}); re-download or rebuild the folder") from None
+        pipe.set_progress_bar_config(disable=True)
+        model = cls(pipe)
+        if lightning is not None:
+            model.merge_lightning(lightning, steps=lightning_steps, shift=lightning_shift)
+        if lora is not None and finetune == "full":
+            model.merge_lora(model.trainable_module, lora)  # full fine-tuning starts from base + LoRA
+        model.setup_finetuning(finetune, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
+        if lora is not None and finetune != "full":
+            model.load_lora(lora)
+        if gradient_checkpointing:
+            for transformer in model.transformers:
+                transformer.enable_gradient_checkpointing()
+        if vae_tiling:
+            model.vae.enable_tiling()
+        return model.to(device)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.transformer_2 = pipe.transformer_2
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        self.boundary_ratio = pipe.config.boundary_ratio
+        self.expand_timesteps = bool(pipe.config.expand_timesteps)
+        self.uses_clip = self.transformer.config.image_dim is not None
+        if self.uses_clip and pipe.image_encoder is None:
+            raise IproError("transformer/config.json sets image_dim but the model folder has no image_encoder")
+        found = dict(
+            patch_size=tuple(self.transformer.config.patch_size),
+            latent_channels=self.vae.config.z_dim,
+            scale_factor_spatial=self.vae.config.scale_factor_spatial,
+            scale_factor_temporal=self.vae.config.scale_factor_temporal,
+        )
+        for key, value in found.items():
+            if value != getattr(self, key):
+                raise IproError(f"{self.family}: the checkpoint has {key}={value}, the family expects {getattr(self, key)}; pass the right family")
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.device = self.transformer.device
+        self.finetune: str | None = None
+        self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
+        self._use_reference = False
+        self._text_cache: dict[str, torch.Tensor] = {}
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+
+    @property
+    def transformers(self) -> list[torch.nn.Module]:
+        return [t for t in (self.transformer, self.transformer_2) if t is not None]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def to(self, device) -> "WanModel":
+        self.device = torch.device(device)
+        self.pipe.to(self.device)
+        if self._frozen is not None:
+            self._frozen.to(self.device)
+        self._text_cache = {k: v.to(self.device) for k, v in self._text_cache.items()}
+        return self
+
+    # --- Fine-tuning setup ---------------------------------------------------------------
+
+    @property
+    def trainable_module(self) -> torch.nn.Module:
+        # A14B: the low-noise expert shapes faces (late steps); the high-noise one stays frozen.
+        return self.transformer_2 if self.boundary_ratio is not None and self.transformer_2 is not None else self.transformer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.finetune is None:
+            return []
+        return [p for p in self.trainable_module.parameters() if p.requires_grad]
+
+    def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=DEFAULT_LORA_TARGETS) -> None:
+        module = self.trainable_module
+        self.finetune = finetune
+        if finetune == "lora":
+            from peft import LoraConfig
+
+            # B starts at zero, so the fine-tuned model starts equal to the base model.
+            config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
+            try:
+                module.add_adapter(config, adapter_name=ADAPTER)
+            except ValueError as e:
+                raise IproError(f"lora_targets={list(targets)}: {str(e).splitlines()[0]}") from None
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+                    p.data = p.data.float()  # train adapters in fp32 even when the base is bf16
+        elif finetune == "full":
+            self._frozen = copy.deepcopy(module).requires_grad_(False)  # the KL anchor; costs one more copy
+            module.requires_grad_(True)
+
+    # --- LoRA files ----------------------------------------------------------------------
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write pytorch_lora_weights.safetensors that `pipe.load_lora_weights(directory)` loads.
+
+        For A14B the file holds the low-noise expert's LoRA: load it with
+        `pipe.load_lora_weights(directory, load_into_transformer_2=True)`.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        if self.finetune != "lora":
+            raise ValueError("save_lora needs a model loaded with finetune='lora'")
+        module = self.trainable_module
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.pipeline_class.save_lora_weights(
+            directory,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=module.peft_config[ADAPTER].to_dict(),  # keeps alpha != rank
+        )
+        return directory / "pytorch_lora_weights.safetensors"
+
+    def load_lora(self, path: str | Path) -> None:
+        """Load LoRA weights: into the trained adapter (finetune='lora'), else as a frozen adapter."""
+        file = _lora_file(path, "LoRA")
+        two_experts = self.trainable_module is self.transformer_2
+        if self.finetune == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            state = self.pipeline_class.lora_state_dict(str(file))
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            try:
+                result = set_peft_model_state_dict(self.trainable_module, state, adapter_name=ADAPTER)
+            except RuntimeError as e:
+                raise IproError(f"{file}: does not fit the LoRA being trained ({str(e).splitlines()[0][:200]}); match lora_rank and lora_targets") from None
+            if result.unexpected_keys:
+                raise IproError(f"{file}: has weights for layers the trained LoRA lacks (e.g. {result.unexpected_keys[0]}); match lora_targets")
+            return
+        if ADAPTER in getattr(self.trainable_module, "peft_config", {}):
+            self.trainable_module.delete_adapters(ADAPTER)
+        try:
+            with warnings.catch_warnings():  # Wan 2.1: diffusers pads the image-attention LoRA with zeros, peft warns
+                warnings.filterwarnings("ignore", message="While injecting the PEFT adapters")
+                self.pipe.load_lora_weights(str(file), adapter_name=ADAPTER, load_into_transformer_2=two_experts)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise IproError(f"{file}: not a Wan LoRA this model can load ({str(e).splitlines()[0][:200]})") from None
+
+    def merge_lora(self, transformer: torch.nn.Module, path: str | Path, what: str = "LoRA") -> None:
+        """Add a LoRA file's update to `transformer`'s weights (diffusers, original Wan or musubi format)."""
+        file = _lora_file(path, what)
+        try:
+            state, metadata = self.pipeline_class.lora_state_dict(str(file), return_lora_metadata=True)
+            transformer.load_lora_adapter(state, prefix="transformer", adapter_name="merge", metadata=metadata)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise IproError(f"{file}: not a Wan LoRA this model can merge ({str(e).splitlines()[0][:200]})") from None
+        transformer.fuse_lora(adapter_names=["merge"])
+        transformer.unload_lora()  # the merged weights stay; the adapter layers go
+
+    def merge_lightning(self, paths, steps: int = 4, shift: float = 5.0) -> None:
+        """Merge distilled few-step LoRA(s) into the base weights and switch to their schedule."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        experts = self.transformers
+        if len(paths) == 1:
+            paths = paths * len(experts)
+        if len(paths) != len(experts):
+            raise IproError(f"lightning: got {len(paths)} LoRA files for {len(experts)} experts; pass one per expert (high-noise first)")
+        for transformer, path in zip(experts, paths):
+            self.merge_lora(transformer, path, what="Lightning LoRA")
+        self.scheduler = scheduler_with_shift(self.scheduler, shift)
+        self.default_steps, self.default_guidance = steps, 1.0
+        self.default_sigmas = torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist()  # e.g. t = 1000, 750, 500, 250
+
+    # --- Conditioning --------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 512, D) UMT5 embeddings, zero-padded like the pipeline; cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                embeds, _ = self.pipe.encode_prompt(
+                    missing, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device=self.device, dtype=self.dtype
+                )
+            for prompt, e in zip(missing, embeds):
+                length = int((e.abs().sum(-1) > 0).nonzero().max()) + 1 if e.abs().sum() > 0 else 0
+                self._text_cache[prompt] = e[:length].clone()  # store only real tokens; pads are exact zeros
+        out = torch.zeros(len(prompts), TEXT_TOKENS, self.transformer.config.text_dim, device=self.device, dtype=self.dtype)
+        for i, p in enumerate(prompts):
+            out[i, : len(self._text_cache[p])] = self._text_cache[p]
+        return out
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    def _latents_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+        return mean, inv_std
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [0, 1] -> normalized latents (the VAE posterior's mode)."""
+        z = self.vae.encode((video * 2 - 1).to(self.vae.dtype)).latent_dist.mode().float()
+        mean, inv_std = self._latents_stats(z)
+        return (z - mean) * inv_std
+
+    @torch.no_grad()
+    def encode_clip(self, images: torch.Tensor) -> torch.Tensor:
+        # The CLIP processor works on uint8 pictures (it resizes with PIL); [0, 1] floats round-trip exactly.
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        inputs = self.pipe.image_processor(images=list(pixels), return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.pipe.image_encoder.dtype)
+        hidden = self.pipe.image_encoder(**inputs, output_hidden_states=True).hidden_states
+        return hidden[-2].to(self.dtype)  # Wan uses the penultimate layer's tokens
+
+    def prepare_condition(self, images, prompts, num_frames, height, width, negative_prompt: str | None = "") -> Condition:
+        self.check_shape(num_frames, height, width)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b = images.shape[0]
+        if len(prompts) == 1 and b > 1:
+            prompts = prompts * b
+        if len(prompts) != b:
+            raise ValueError(f"got {b} images but {len(prompts)} prompts")
+        images = images.to(self.device, torch.float32)
+        image_embeds = self.encode_clip(images) if self.uses_clip else None  # CLIP resizes on its own
+        if tuple(images.shape[-2:]) != (height, width):
+            images = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        _, _, f, h, w = self.latent_shape(b, num_frames, height, width)
+        cond = Condition(
+            prompt_embeds=self.encode_prompts(prompts),
+            negative_prompt_embeds=self.encode_prompts([negative_prompt] * b) if negative_prompt is not None else None,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            image_embeds=image_embeds,
+        )
+        if self.expand_timesteps:
+            cond.image_latents = self.encode_video(images[:, :, None])  # (B, C, 1, h, w)
+            cond.first_frame_mask = torch.ones(1, 1, f, h, w, device=self.device)
+            cond.first_frame_mask[:, :, 0] = 0
+        else:
+            # The image followed by gray frames (0 in the VAE's [-1, 1] input), encoded as one video;
+            # the 4-channel mask marks which of the 4 pixel frames in each latent frame are given.
+            gray = images.new_full((b, 3, num_frames - 1, height, width), 0.5)
+            video = torch.cat([images[:, :, None], gray], dim=2)
+            mask = torch.zeros(b, self.scale_factor_temporal, f, h, w, device=self.device)
+            mask[:, :, 0] = 1
+            cond.image_latents = torch.cat([mask, self.encode_video(video)], dim=1)
+        return cond
+
+    # --- Denoising -----------------------------------------------------------------------
+
+    def impose_first_frame(self, x: torch.Tensor, cond: Condition) -> torch.Tensor:
+        if not self.expand_timesteps:
+            return x
+        m = cond.first_frame_mask
+        return (1 - m) * cond.image_latents + m * x
+
+    def generated_mask(self, cond: Condition) -> torch.Tensor | None:
+        return cond.first_frame_mask if self.expand_timesteps else None
+
+    def _expert(self, high_noise: bool) -> torch.nn.Module:
+        module = self.transformer if (self.boundary_ratio is None or high_noise) else self.transformer_2
+        if self._use_reference and self._frozen is not None and module is self.trainable_module:
+            return self._frozen
+        return module
+
+    def _forward(self, transformer, x: torch.Tensor, t: torch.Tensor, cond: Condition, text: torch.Tensor) -> torch.Tensor:
+        if self.expand_timesteps:
+            model_input = self.impose_first_frame(x, cond)
+            # One timestep per token: the imposed first frame is clean (t = 0).
+            m = cond.first_frame_mask[0, 0, :, :: self.patch_size[1], :: self.patch_size[2]].flatten()
+            timestep = m[None] * t[:, None]
+        else:
+            model_input = torch.cat([x, cond.image_latents], dim=1)
+            timestep = t
+        out = transformer(
+            # (ModelMixin.dtype walks every parameter; one weight's dtype is free)
+            hidden_states=model_input.to(transformer.patch_embedding.weight.dtype),
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_hidden_states_image=cond.image_embeds,
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    def _guided(self, transformer, x, t, cond: Condition, guidance_scale: float) -> torch.Tensor:
+        v = self._forward(transformer, x, t, cond, cond.prompt_embeds)
+        if guidance_scale > 1.0:
+            if cond.negative_prompt_embeds is None:
+                raise ValueError("guidance_scale > 1 needs a condition prepared with a negative_prompt")
+            v_uncond = self._forward(transformer, x, t, cond, cond.negative_prompt_embeds)
+            v = v_uncond + guidance_scale * (v - v_uncond)
+        return v
+
+    def velocity(self, x_t, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        if self.boundary_ratio is None:
+            return self._guided(self._expert(True), x_t, t, cond, guidance_scale)
+        high = t >= self.boundary_ratio * self.num_train_timesteps
+        if high.all() or not high.any():
+            return self._guided(self._expert(bool(high[0])), x_t, t, cond, guidance_scale)
+        v = torch.zeros_like(x_t, dtype=torch.float32)  # a batch straddling the boundary: one call per expert
+        v[high] = self._guided(self._expert(True), x_t[high], t[high], cond.select(high), guidance_scale)
+        v[~high] = self._guided(self._expert(False), x_t[~high], t[~high], cond.select(~high), guidance_scale)
+        return v
+
+    @contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        if self.finetune == "lora":
+            module = self.trainable_module
+            module.disable_adapters()  # base weights bit for bit, no second copy
+            try:
+                yield
+            finally:
+                module.enable_adapters()
+        elif self.finetune == "full":
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+        else:
+            yield
+
+    # --- Decoding ------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
+        """Latents -> (B, F, 3, H, W) in [0, 1], with gradient w.r.t. the latents (VAE frozen).
+
+        frames: only return these output frames. The Wan VAE is causal in time, so this decodes
+        latent frames 0..latent_frame_of(max(frames)) and skips the rest: asking for early frames
+        is cheap, asking for the last frame costs a full decode.
+        """
+        if frames is not None:
+            frames = list(frames)
+            num_frames = (latents.shape[2] - 1) * self.scale_factor_temporal + 1
+            if not frames or min(frames) < 0 or max(frames) >= num_frames:
+                raise ValueError(f"frames must be in [0, {num_frames}), got {frames}")
+            latents = latents[:, :, : self.latent_frame_of(max(frames)) + 1]
+        z = latents.to(self.vae.dtype)
+        mean, inv_std = self._latents_stats(z)
+        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        video = (video.float() / 2 + 0.5).clamp(0, 1).transpose(1, 2)
+        return video[:, frames] if frames is not None else video
+
+
+def _listed(model_index: dict, name: str) -> bool:
+    spec = model_index.get(name)
+    return isinstance(spec, list) and bool(spec) and spec[0] is not None
+
+
+@register_family
+class Wan21I2V(WanModel):
+    """Wan 2.1 I2V 14B (480p/720p): mask + image latent on channels, CLIP tokens in cross-attention."""
+
+    family = "wan2.1-i2v"
+    fps = 16.0
+
+    @classmethod
+    def matches(cls, model_index, transformer_config):
+        return (
+            not model_index.get("expand_timesteps")
+            and not _listed(model_index, "transformer_2")
+            and transformer_config.get("in_channels") == 36
+        )
+
+
+@register_family
+class Wan22TI2V(WanModel):
+    """Wan 2.2 TI2V-5B: first-frame latent imposed every step, 48-channel latents, VAE x16."""
+
+    family = "wan2.2-ti2v"
+    fps = 24.0
+    scale_factor_spatial = 16
+    latent_channels = 48
+    default_steps = 50
+
+    @classmethod
+    def matches(cls, model_index, transformer_config):
+        return bool(model_index.get("expand_timesteps")) and not _listed(model_index, "transformer_2")
+
+
+@register_family
+class Wan22I2VA14B(WanModel):
+    """Wan 2.2 I2V-A14B: two 14B experts split at boundary_ratio; the low-noise one trains."""
+
+    family = "wan2.2-i2v-a14b"
+    fps = 16.0
+    default_steps = 40
+
+    @classmethod
+    def matches(cls, model_index, transformer_config):
+        return (
+            _listed(model_index, "transformer_2")
+            and model_index.get("boundary_ratio") is not None
+            and transformer_config.get("in_channels") == 36
+        )
