@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -66,19 +67,124 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG" if Path(path).suffix.lower() == ".png" else None)
 
 
-def _rotation(stream) -> int:
-    """Clockwise display rotation in degrees from the stream's metadata (phone videos)."""
-    for key in ("rotate",):
-        value = stream.metadata.get(key) if stream.metadata else None
-        if value:
-            try:
-                return int(value) % 360
-            except ValueError:
-                pass
-    try:  # PyAV >= 13 exposes the display matrix through side data on frames instead
-        return int(getattr(stream.codec_context, "rotation", 0) or 0) % 360
-    except Exception:
+def _rotation(stream, frame=None) -> int:
+    """Clockwise display rotation in degrees (phone videos).
+
+    FFmpeg >= 7 keeps it only in the display matrix, which PyAV exposes per frame as a
+    counterclockwise angle; older files may still carry the legacy `rotate` tag.
+    """
+    if frame is not None and getattr(frame, "rotation", 0):
+        return int(-frame.rotation) % 360
+    value = stream.metadata.get("rotate") if stream.metadata else None
+    try:
+        return int(value) % 360 if value else 0
+    except ValueError:
         return 0
+
+
+def _open_video(path: Path):
+    """Open a container that has a video stream, or raise a one-line IproError."""
+    import av
+
+    if not path.is_file():
+        raise IproError(f"{path}: no such file; check the path")
+    if path.stat().st_size == 0:
+        raise IproError(f"{path}: empty file; remove it or replace it with a real video")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise IproError(f"{path}: not a readable video ({e.__class__.__name__}); re-encode it as H.264 mp4") from None
+    if not container.streams.video:
+        container.close()
+        raise IproError(f"{path}: has no video stream; pass a video or an image")
+    return container
+
+
+@dataclass
+class VideoInfo:
+    """What the container says about a video, read without decoding it.
+
+    width, height: decoded size before rotation. fps: average rate. frames and
+    duration_s come from the packets' timestamps. variable_fps: more than 10% of the
+    gaps between frames differ from the typical gap by over 20% (screen recordings,
+    phones). truncated: the packets cover less than 90% of the duration the header
+    declares (an interrupted download or copy).
+    """
+
+    width: int
+    height: int
+    fps: float
+    frames: int
+    duration_s: float
+    pix_fmt: str
+    codec: str
+    variable_fps: bool
+    truncated: bool
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Size, rate, length and pixel format of a video by demuxing (no decoding)."""
+    import av
+
+    path = Path(path)
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        try:
+            pts = sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.pts is not None)
+        except av.error.FFmpegError:
+            pts = []  # corrupt packets: decoding will say how much is usable
+        gaps = np.diff(pts) if len(pts) > 2 else np.zeros(0)
+        # Robust to a few odd gaps (a dropped frame, a cut-off B-frame group at the end).
+        variable = bool(len(gaps) and np.mean(np.abs(gaps - np.median(gaps)) > 0.2 * np.median(gaps)) > 0.1)
+        declared = float(container.duration or 0) / 1e6
+        duration = (pts[-1] - pts[0] + 1.0 / fps) if pts else declared
+        cc = stream.codec_context
+        return VideoInfo(
+            width=int(cc.width), height=int(cc.height), fps=fps, frames=len(pts), duration_s=duration,
+            pix_fmt=str(cc.pix_fmt), codec=str(cc.name), variable_fps=variable,
+            truncated=bool(declared > 0 and duration < 0.9 * declared),
+        )
+
+
+def iter_video(path: str | Path, fps: float | None = None, start_s: float = 0.0) -> Iterator[np.ndarray]:
+    """Yield (H, W, 3) uint8 RGB frames one at a time (memory stays flat for long videos).
+
+    fps: resample to this rate by picking the nearest source frame by presentation
+    time (None keeps the source rate), so variable frame rate input comes out evenly
+    spaced. Display rotation metadata is applied. Corrupt data after at least one good
+    frame ends the stream early instead of raising (the decodable part is usable).
+    """
+    import av
+
+    path = Path(path)
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        src_fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        out_fps = float(fps) if fps else src_fps
+        next_t, count, t0 = start_s, 0, None
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.pts * stream.time_base) if frame.pts is not None else count / src_fps
+                t0 = t if t0 is None else t0
+                t -= t0  # some files start at a non-zero timestamp
+                if t + 0.5 / src_fps < next_t:
+                    continue
+                img = frame.to_ndarray(format="rgb24")
+                rotation = _rotation(stream, frame)
+                if rotation in (90, 180, 270):
+                    img = np.ascontiguousarray(np.rot90(img, k=-rotation // 90))
+                # A frame can stand for several output frames when upsampling the rate.
+                while t + 0.5 / src_fps >= next_t:
+                    yield img
+                    count += 1
+                    next_t += 1.0 / out_fps
+        except av.error.FFmpegError as e:
+            if not count:
+                raise IproError(f"{path}: video data is corrupt ({e.__class__.__name__}); re-encode it") from None
+    if not count:
+        raise IproError(f"{path}: video has no decodable frames; re-encode it")
 
 
 def read_video(
@@ -93,50 +199,16 @@ def read_video(
     source rate). Frames are taken by presentation time, so variable frame rate input
     comes out evenly spaced. Display rotation metadata is applied.
     """
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise IproError(f"{path}: no such file; check the path")
-    if path.stat().st_size == 0:
-        raise IproError(f"{path}: empty file; remove it or replace it with a real video")
-    try:
-        container = av.open(str(path))
-    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise IproError(f"{path}: not a readable video ({e.__class__.__name__}); re-encode it as H.264 mp4") from None
-    with container:
-        if not container.streams.video:
-            raise IproError(f"{path}: has no video stream; pass a video or an image")
+    frames = []
+    for img in iter_video(path, fps=fps, start_s=start_s):
+        frames.append(img)
+        if max_frames is not None and len(frames) >= max_frames:
+            break
+    if fps:
+        return np.stack(frames), float(fps)
+    with _open_video(Path(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        src_fps = float(stream.average_rate or stream.guessed_rate or 25.0)
-        out_fps = float(fps) if fps else src_fps
-        rotation = _rotation(stream)
-        frames: list[np.ndarray] = []
-        next_t = start_s
-        try:
-            for frame in container.decode(stream):
-                t = float(frame.pts * stream.time_base) if frame.pts is not None else len(frames) / src_fps
-                if t + 0.5 / src_fps < next_t:
-                    continue
-                img = frame.to_ndarray(format="rgb24")
-                # A frame can stand for several output frames when upsampling the rate.
-                while t + 0.5 / src_fps >= next_t:
-                    frames.append(img)
-                    next_t += 1.0 / out_fps
-                    if max_frames is not None and len(frames) >= max_frames:
-                        break
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-        except av.error.FFmpegError as e:
-            if not frames:
-                raise IproError(f"{path}: video data is corrupt ({e.__class__.__name__}); re-encode it") from None
-        if not frames:
-            raise IproError(f"{path}: video has no decodable frames; re-encode it")
-    video = np.stack(frames)
-    if rotation in (90, 180, 270):
-        video = np.rot90(video, k=-rotation // 90, axes=(1, 2)).copy()
-    return video, out_fps
+        return np.stack(frames), float(stream.average_rate or stream.guessed_rate or 25.0)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 16.0, crf: int = 18) -> None:
