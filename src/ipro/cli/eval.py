@@ -1,0 +1,147 @@
+"""`ipro eval` and `ipro eval-compare`: measure generated videos, compare runs.
+
+Two commands rather than a sub-app: `ipro eval VIDEOS ...` takes a folder as its
+first argument, which a click group would read as a subcommand name.
+
+Exit status: 0 on success, 2 for usage errors (missing folders, nothing matched).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ipro.cli.main import app
+from ipro.errors import IproError
+
+
+def _generate(model: str, lora: Path | None, inputs: Path, videos: Path, options: str = "") -> None:
+    """Run `ipro generate` on every input image, writing VIDEOS/<input name>.mp4.
+
+    Goes through the command line (not a Python signature) so it tracks `ipro generate`'s
+    documented flags; curated datasets pass their captions as prompts.
+    """
+    import shlex
+    import tempfile
+
+    from ipro.data.video import write_image
+    from ipro.eval.inputs import find_inputs
+
+    try:
+        import ipro.cli.generate  # noqa: F401  (registers `generate` on the app)
+    except ImportError as e:
+        raise IproError(
+            f"--generate needs ipro's generation module (ipro.cli.generate), which cannot be imported here ({e}); "
+            "generate the videos with `ipro generate` and pass their folder as VIDEOS"
+        ) from None
+    items = find_inputs(inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Images named after their input, so the videos come out as VIDEOS/<name>.mp4.
+        images = []
+        for name, item in sorted(items.items()):
+            path = Path(tmp) / f"{name}.png"
+            write_image(path, item.input_image())
+            images.append(path)
+        args = ["generate", *map(str, images), "--model", str(model), "--out", str(videos)]
+        if lora is not None:
+            args += ["--lora", str(lora)]
+        captions = [" ".join((items[p.stem].caption or "").split()) for p in images]
+        if all(captions):
+            prompts = Path(tmp) / "prompts.txt"
+            prompts.write_text("\n".join(captions) + "\n", encoding="utf-8")
+            args += ["--prompts", str(prompts)]
+        args += shlex.split(options)
+        code = typer.main.get_command(app).main(args=args, standalone_mode=False)
+    if code:
+        raise IproError(f"`ipro generate` failed (exit status {code}); run it alone to see why")
+
+
+@app.command("eval")
+def eval_command(
+    videos: Path = typer.Argument(..., help="Folder of generated videos, each named after its input (name.mp4). With --generate, they are written here."),
+    inputs: Path = typer.Option(..., "--inputs", "-i", help="A curated dataset (has manifest.parquet) or a folder of name.png input images, each with an optional ground-truth name.mp4."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for metrics.json and report.html."),
+    recognizer: str = typer.Option("dlib", help="Face recognizer: 'dlib' (shipped) or 'arcface:/path/backbone.pth'."),
+    dino: Path = typer.Option(None, help="Local transformers DINO checkpoint for subject consistency (none ships)."),
+    clip: Path = typer.Option(None, help="Local transformers CLIP checkpoint for background consistency and aesthetics."),
+    aesthetic: Path = typer.Option(None, help="LAION aesthetic predictor .pth (needs --clip ViT-L/14)."),
+    max_frames: int = typer.Option(None, min=2, help="Evaluate at most this many frames per video."),
+    device: str = typer.Option("cpu", help="Device for face detection and embedding (cpu, cuda)."),
+    baseline: list[Path] = typer.Option([], "--baseline", "-b", help="Earlier eval output folder(s) to compare against in the report (repeatable)."),
+    generate: str = typer.Option(None, "--generate", help="Generate the videos first with this model (diffusers folder), one per input."),
+    lora: Path = typer.Option(None, help="LoRA weights for --generate."),
+    generate_options: str = typer.Option("", help="More `ipro generate` flags for --generate, e.g. \"--num-frames 33 --steps 8 --seed 1\"."),
+) -> None:
+    """Score generated videos: FaceSim, swaps, coverage, VBench-style quality, rigid faces.
+
+    Writes OUT/metrics.json (per video, and the mean with a 95% bootstrap CI per metric; the recognizer used; what was not computed and why) and OUT/report.html (inputs beside videos, a chart per metric). Compare runs with `ipro eval-compare OUT_A OUT_B ...`.
+    """
+    from rich.console import Console
+
+    from ipro.eval import evaluate
+
+    console = Console(stderr=True)
+    if generate:
+        _generate(generate, lora, inputs, videos, generate_options)
+    result = evaluate(
+        videos, inputs, out, baselines=baseline, recognizer=recognizer, dino=dino, clip=clip, aesthetic=aesthetic,
+        max_frames=max_frames, device=device, progress=lambda i, n, name: console.print(f"[{i}/{n}] {name}", highlight=False),
+    )
+    _print_table([result])
+    for key, reason in result["not_computed"].items():
+        console.print(f"[yellow]not computed[/yellow] {key}: {reason}", highlight=False)
+    if result["unmatched_videos"]:
+        console.print(f"[yellow]no input for[/yellow] {', '.join(result['unmatched_videos'])}", highlight=False)
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}", highlight=False)
+
+
+@app.command("eval-compare")
+def eval_compare_command(
+    runs: list[Path] = typer.Argument(..., help="Output folders of `ipro eval` (or their metrics.json); the first is the baseline."),
+    out: Path = typer.Option(None, "--out", "-o", help="Also write a comparison report.html (and comparison.json) here."),
+    all_metrics: bool = typer.Option(False, "--all", help="Also show NIQE, motion px and the rigid-face measures."),
+) -> None:
+    """Print runs as rows and metrics as columns (like the paper's Table 1).
+
+    Each run after the first shows its change against the first: % for scores, percentage points (pp) for rates (DD, Rigid, Swap, Lost, Coverage, all shown in %).
+    """
+    import json
+
+    from ipro.data.video import atomic_path
+    from ipro.eval.compare import load_runs, recognizers, table
+    from ipro.eval.report import write_report
+
+    loaded = load_runs(runs)
+    _print_table(loaded, all_metrics)
+    names = recognizers(loaded)
+    if len(names) > 1:
+        typer.secho(f"warning: runs use different recognizers ({', '.join(names)}); FaceSim is not comparable", err=True, fg="yellow")
+    if out is not None:
+        header, rows = table(loaded, all_metrics=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "comparison.json") as tmp:
+            tmp.write_text(json.dumps({"runs": [str(r) for r in runs], "header": header, "rows": rows}, indent=1))
+        write_report(out, loaded)
+        typer.echo(f"wrote {out / 'report.html'}", err=True)
+
+
+def _print_table(runs: list[dict], all_metrics: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ipro.eval.compare import table
+
+    header, rows = table(runs, all_metrics)
+    t = Table(title=f"ipro eval ({', '.join(sorted({r['recognizer'] for r in runs}))} FaceSim; rates in %)")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+    for row in rows:
+        t.add_row(*row)
+    Console().print(t)
+
+
+if __name__ == "__main__":  # `python -m ipro.cli.eval ...` before the command is registered in main
+    from ipro.cli.main import main
+
+    main()

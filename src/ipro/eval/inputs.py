@@ -1,0 +1,111 @@
+"""Pair generated videos with what they were generated from.
+
+INPUTS is either a curated dataset (a folder with manifest.parquet, from `ipro
+prepare`) or a plain folder where `name.png` (any image type) is the input image and
+an optional `name.mp4` (any video type) the ground-truth clip; with only the clip, its
+first frame is the input image. A generated video `VIDEOS/name.mp4` is matched by its
+file stem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ipro.data.video import is_image, is_video, read_image, read_video
+from ipro.errors import IproError
+
+
+@dataclass
+class EvalItem:
+    """One generated video and its references. `image` is a path or an array."""
+
+    name: str
+    video: Path
+    image: Path | np.ndarray | None = None
+    gt: Path | None = None
+    pool: Path | None = None
+    caption: str | None = None
+
+    def input_image(self) -> np.ndarray | None:
+        """(H, W, 3) uint8 input image: the file, the array, or the GT clip's first frame."""
+        if isinstance(self.image, np.ndarray):
+            return self.image
+        if self.image is not None:
+            return read_image(self.image)
+        if self.gt is not None:
+            return read_video(self.gt, max_frames=1)[0][0]
+        return None
+
+
+def _videos(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and is_video(p) and not p.name.startswith(".")}
+
+
+def _folder_inputs(folder: Path) -> dict[str, EvalItem]:
+    items: dict[str, EvalItem] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        item = items.setdefault(p.stem, EvalItem(p.stem, Path()))
+        if is_image(p):
+            item.image = p
+        elif is_video(p):
+            item.gt = p
+    return {k: v for k, v in items.items() if v.image is not None or v.gt is not None}
+
+
+def _curated_inputs(folder: Path) -> dict[str, EvalItem]:
+    """The kept clips of a curated dataset's manifest (`ipro prepare`): id, first frame,
+    GT clip, face pool and caption; paths in the manifest are relative to the dataset."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(folder / "manifest.parquet").to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise IproError(f"{folder / 'manifest.parquet'}: unreadable ({e.__class__.__name__}); rerun `ipro prepare`") from None
+    path = lambda rel: folder / rel if rel else None  # noqa: E731
+    return {
+        row["id"]: EvalItem(
+            row["id"], Path(), path(row.get("first_frame")), path(row.get("clip")), path(row.get("pool")), row.get("caption")
+        )
+        for row in rows
+        if row.get("kept") and row.get("first_frame")
+    }
+
+
+def find_inputs(inputs: str | Path) -> dict[str, EvalItem]:
+    """name -> item (without a video yet) for every input in a dataset or folder."""
+    inputs = Path(inputs).expanduser()
+    if not inputs.is_dir():
+        raise IproError(f"{inputs}: no such inputs folder; pass a curated dataset or a folder of name.png (+ name.mp4)")
+    refs = _curated_inputs(inputs) if (inputs / "manifest.parquet").is_file() else _folder_inputs(inputs)
+    if not refs:
+        raise IproError(f"{inputs}: no input images or clips found; expected name.png (and optionally name.mp4) per video")
+    return refs
+
+
+def find_items(videos: str | Path, inputs: str | Path) -> tuple[list[EvalItem], list[str]]:
+    """Matched items (sorted by name) and the names of generated videos with no input."""
+    videos = Path(videos).expanduser()
+    if not videos.is_dir():
+        raise IproError(f"{videos}: no such folder of generated videos; check the path (or use --generate)")
+    generated = _videos(videos)
+    if not generated:
+        raise IproError(f"{videos}: no videos (.mp4, .mov, ...) in this folder")
+    refs = find_inputs(inputs)
+    matched = sorted(set(generated) & set(refs))
+    if not matched:
+        raise IproError(
+            f"no generated video in {videos} matches an input in {inputs} by file name "
+            f"(videos: {', '.join(sorted(generated)[:3])}...; inputs: {', '.join(sorted(refs)[:3])}...); "
+            "name each video after its input image's stem"
+        )
+    items = []
+    for name in matched:
+        item = refs[name]
+        item.name, item.video = name, generated[name]
+        items.append(item)
+    return items, sorted(set(generated) - set(refs))
