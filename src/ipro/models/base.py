@@ -191,6 +191,10 @@ class VideoModel:
         """Latents -> video (B, F, 3, H, W) float in [0, 1], differentiable w.r.t. the latents."""
         raise NotImplementedError
 
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Video (B, 3, F, H, W) in [0, 1] -> normalized latents, without gradient (SFT targets)."""
+        raise NotImplementedError
+
     # --- Training ------------------------------------------------------------------------
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -200,6 +204,27 @@ class VideoModel:
     def trainable_module(self) -> torch.nn.Module | None:
         """The module whose parameters train (wrap this one with DDP/FSDP), or None."""
         return None
+
+    # Parallelism is applied from outside: a trainer hands `wrap_trainable` accelerate's
+    # `prepare_model` (DDP), and the family's forward then goes through the wrapper, which
+    # is what makes DDP all-reduce the gradients.
+    _wrapped: torch.nn.Module | None = None
+
+    def wrap_trainable(self, wrap) -> None:
+        self._wrapped = wrap(self.trainable_module)
+
+    def forward_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The callable to run `module` through: its parallel wrapper if it has one."""
+        return self._wrapped if self._wrapped is not None and module is self.trainable_module else module
+
+    @contextmanager
+    def no_sync(self, skip: bool = True) -> Iterator[None]:
+        """Inside, DDP does not all-reduce gradients (the first micro-batches of an accumulation)."""
+        if skip and hasattr(self._wrapped, "no_sync"):
+            with self._wrapped.no_sync():
+                yield
+        else:
+            yield
 
     def save_lora(self, directory: str | Path) -> Path:
         raise NotImplementedError

@@ -355,7 +355,7 @@ class WanModel(VideoModel):
         module = self.transformer if (self.boundary_ratio is None or high_noise) else self.transformer_2
         if self._use_reference and self._frozen is not None and module is self.trainable_module:
             return self._frozen
-        return module
+        return self.forward_module(module)
 
     def _forward(self, transformer, x: torch.Tensor, t: torch.Tensor, cond: Condition, text: torch.Tensor) -> torch.Tensor:
         if self.expand_timesteps:
@@ -368,7 +368,7 @@ class WanModel(VideoModel):
             timestep = t
         out = transformer(
             # (ModelMixin.dtype walks every parameter; one weight's dtype is free)
-            hidden_states=model_input.to(transformer.patch_embedding.weight.dtype),
+            hidden_states=model_input.to(getattr(transformer, "module", transformer).patch_embedding.weight.dtype),
             timestep=timestep,
             encoder_hidden_states=text,
             encoder_hidden_states_image=cond.image_embeds,

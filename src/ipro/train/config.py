@@ -135,7 +135,9 @@ class TrainConfig(Section):
 
 
 def _one_line(err: ValidationError, source: str) -> str:
-    e = err.errors()[0]
+    # An unknown key (often a typo) explains more than the missing key it was meant to be.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    e = errors[0]
     key = ".".join(str(p) for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'; see `ipro train --print-config` for the valid keys"

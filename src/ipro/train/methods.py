@@ -1,0 +1,17 @@
+"""The trainers `ipro train --method` can run, by name."""
+
+from __future__ import annotations
+
+
+def trainer_class(method: str):
+    if method == "ipro":
+        from ipro.train.ipro import IPROTrainer
+
+        return IPROTrainer
+    if method == "sft":
+        from ipro.train.sft import SFTTrainer
+
+        return SFTTrainer
+    from ipro.errors import IproError
+
+    raise IproError(f"method '{method}': not available; use 'ipro' or 'sft'")

@@ -1,0 +1,343 @@
+"""The training loop shared by every method. It knows nothing of the model family (it
+talks to a `VideoModel`) and nothing of the method (a subclass implements
+`compute_loss`). Parallelism comes from accelerate, applied from outside.
+
+    trainer = IPROTrainer(config)      # or GRPOTrainer / SFTTrainer
+    trainer.train(resume=True)         # or call trainer.step() yourself
+
+Exact resume: every random draw of a step uses a generator keyed by (seed, step, rank,
+micro-batch) and the data order is a seeded permutation per epoch, so a checkpoint only
+needs the trainable weights, the optimizer and the step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ipro.errors import IproError
+from ipro.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ipro.train.config import TrainConfig
+
+
+class NonFiniteLossError(IproError):
+    pass
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int, device="cpu") -> torch.Generator:
+    """The generator every random draw of one micro-batch uses (noise, K, SDE noise)."""
+    key = (seed * 1_000_003 + step) * 1_009 + rank * 101 + micro
+    return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+
+
+class Trainer:
+    """One optimizer step = `grad_accum` micro-batches, each through `compute_loss`.
+
+    Subclasses implement `compute_loss(batch, generator) -> (loss, logs)` and may
+    override `build_reward`. `model`, `reward` and `dataset` can be passed in (tests,
+    notebooks); otherwise they are built from the config.
+    """
+
+    method = "base"
+
+    def __init__(self, config: TrainConfig, model=None, reward=None, dataset=None, accelerator=None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.config = config
+        c = config
+        out = Path(c.run.output_dir)
+        self.output_dir = out
+        if accelerator is None:
+            trackers = [r for r in c.run.report_to if r != "wandb" or _has_wandb()]
+            accelerator = Accelerator(
+                mixed_precision=c.optim.mixed_precision,
+                log_with=trackers or None,
+                project_dir=str(out),
+                # accelerate runs several CPU processes (gloo) only when told cpu=True.
+                cpu=c.run.device == "cpu" or not torch.cuda.is_available(),
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            )
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+        from accelerate.utils import set_seed
+
+        # peft draws LoRA A from the global RNG: the same seed must give the same adapter.
+        set_seed(c.run.seed)
+        self.model = model if model is not None else self.build_model()
+        self.model.to(accelerator.device)
+        self.dataset = dataset if dataset is not None else self.build_dataset()
+        if len(self.dataset) == 0:
+            raise IproError(f"{c.data.dataset}: the dataset has no kept clips; check `summary.json` from `ipro prepare`")
+        self.reward = reward if reward is not None else self.build_reward()
+
+        params = self.model.trainable_parameters()
+        if not params:
+            raise IproError("the model has no trainable parameters; set model.lora_rank > 0 or full fine-tuning")
+        self.named_params = _named(self.model.trainable_module, params)
+        opt_cls = torch.optim.AdamW if c.optim.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
+        self.model.wrap_trainable(accelerator.prepare_model)
+        self.optimizer = accelerator.prepare_optimizer(self.optimizer)
+        self.ema = {k: p.detach().clone() for k, p in self.named_params.items()} if c.optim.ema_decay else None
+        self.global_step = 0
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.samples_seen = 0
+
+    # --- Builders (override in subclasses or pass objects in) ---------------------------
+
+    def build_model(self):
+        # Rank 0 first: it may have to build a tiny preset into the shared output folder.
+        with self.accelerator.main_process_first():
+            return load_for_training(self.config.model, self.output_dir, self.accelerator.device)
+
+    def build_dataset(self):
+        from ipro.data.dataset import CuratedDataset
+
+        d = self.config.data
+        return CuratedDataset(d.dataset, load_clip=self.needs_clips, frames=d.num_frames if self.needs_clips else None, size=(d.height, d.width))
+
+    def build_reward(self):
+        return None
+
+    needs_clips = False
+
+    # --- Data: a seeded permutation per epoch, strided across processes ---------------
+
+    def batch_at(self, step: int, micro: int) -> dict:
+        from ipro.data.dataset import collate
+
+        c = self.config
+        n = len(self.dataset)
+        per_step = c.data.batch_size * c.optim.grad_accum * self.world
+        start = step * per_step + (micro * self.world + self.rank) * c.data.batch_size
+        items = []
+        for pos in range(start, start + c.data.batch_size):
+            epoch, i = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(c.run.seed * 7919 + epoch))
+            items.append(self.dataset[int(perm[i])])
+        return collate(items)
+
+    # --- One step ------------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns the logged values."""
+        c = self.config
+        acc = self.accelerator
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.model.trainable_module.train()
+        logs: dict[str, float] = {}
+        finite = True
+        for micro in range(c.optim.grad_accum):
+            batch = self.batch_at(self.global_step, micro)
+            gen = step_generator(c.run.seed, self.global_step, self.rank, micro)
+            last = micro == c.optim.grad_accum - 1
+            with acc.autocast(), self.model.no_sync(not last):
+                loss, micro_logs = self.compute_loss(batch, gen)
+            finite = finite and bool(torch.isfinite(loss.detach()))
+            if finite:
+                acc.backward(loss / c.optim.grad_accum)
+            for k, v in micro_logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / c.optim.grad_accum
+        # Every rank must agree to skip, or DDP ranks would diverge.
+        finite = bool(acc.reduce(torch.tensor(float(finite), device=acc.device), "min") > 0) if self.world > 1 else finite
+        if finite:
+            grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), c.optim.max_grad_norm or float("inf"))
+            logs["grad_norm"] = float(grad_norm)
+            self._set_lr()
+            self.optimizer.step()
+            self._update_ema()
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logs["nonfinite_skipped"] = float(self.nonfinite_total)
+        if self.nonfinite_streak >= c.run.max_nonfinite:
+            raise NonFiniteLossError(
+                f"loss was NaN/inf in {self.nonfinite_streak} steps in a row (step {self.global_step}); "
+                "lower optim.lr, enable optim.max_grad_norm, or check the data"
+            )
+        self.global_step += 1
+        self.samples_seen += c.data.batch_size * c.optim.grad_accum * self.world
+        logs["lr"] = self.optimizer.param_groups[0]["lr"]
+        logs["step_time_s"] = time.perf_counter() - t0
+        if torch.cuda.is_available():
+            logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return logs
+
+    def _set_lr(self) -> None:
+        c = self.config.optim
+        scale = min(1.0, (self.global_step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.lr * scale
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.config.optim.ema_decay
+        for k, p in self.named_params.items():
+            self.ema[k].lerp_(p.detach(), 1 - d)
+
+    # --- Checkpoints ---------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        state = {
+            "method": self.method,
+            "samples_seen": self.samples_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "config": self.config.model_dump(mode="json"),
+        }
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the real one
+        return save_checkpoint(
+            self.output_dir, self.global_step, self.named_params, opt, state, self.ema,
+            write_lora=self.model.save_lora if self.config.model.lora_rank > 0 else None,
+            keep_last=self.config.run.keep_last,
+        )
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load the latest checkpoint (or `path`); returns False if there is none."""
+        if path is None:
+            found = list_checkpoints(self.output_dir)
+            if not found:
+                return False
+            path = found[-1]
+        path = Path(path)
+        if not (path / "state.json").is_file():
+            raise IproError(f"{path}: not an ipro checkpoint (no state.json); pass a checkpoint-<step> folder")
+        ckpt = load_checkpoint(path)
+        missing = set(self.named_params) - set(ckpt["params"])
+        if missing:
+            raise IproError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another model.lora_* setting?")
+        with torch.no_grad():
+            for k, p in self.named_params.items():
+                p.copy_(ckpt["params"][k].to(p.device, p.dtype))
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        opt.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema = {k: v.to(self.named_params[k].device) for k, v in ckpt["ema"].items()}
+        s = ckpt["state"]
+        self.global_step = int(s["step"])
+        self.samples_seen = int(s.get("samples_seen", 0))
+        self.nonfinite_total = int(s.get("nonfinite_total", 0))
+        self.nonfinite_streak = int(s.get("nonfinite_streak", 0))
+        return True
+
+    # --- The loop ------------------------------------------------------------------------
+
+    def train(self, resume: bool | str = False) -> dict:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        c = self.config
+        acc = self.accelerator
+        if resume:
+            self.resume(None if resume is True else resume)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(_yaml(c))
+        if acc.log_with:
+            acc.init_trackers("ipro", config=_flat(c.model_dump(mode="json")))
+        logs: dict = {}
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not acc.is_main_process, transient=False) as bar:
+            task = bar.add_task(f"{self.method} train", total=c.optim.steps, completed=self.global_step, info="")
+            while self.global_step < c.optim.steps:
+                logs = self.step()
+                if self.global_step % c.run.log_every == 0:
+                    acc.log(logs, step=self.global_step)
+                bar.update(task, completed=self.global_step, info=_brief(logs))
+                if self.global_step % c.run.checkpoint_every == 0 or self.global_step == c.optim.steps:
+                    self.save()
+                if c.run.sample_every and self.global_step % c.run.sample_every == 0:
+                    self.write_samples()
+        acc.end_training()
+        return logs
+
+    def write_samples(self) -> None:
+        """Sample videos for the first batch items; methods may override."""
+
+
+def resolve_model_path(path: str, cache_dir: Path) -> Path:
+    """'tiny:<family>' builds a random-weight tiny model (tests, CPU smoke runs) once."""
+    if path.startswith("tiny:"):
+        from ipro.models.tiny import build_tiny
+
+        family = path.split(":", 1)[1]
+        target = cache_dir / f"tiny-{family}"
+        if not (target / "model_index.json").is_file():
+            build_tiny(family, target, seed=0)
+        return target
+    if path == "builtin":
+        raise IproError("model.path 'builtin': the embedded small model is not in this version yet; pass a diffusers folder or 'tiny:wan2.1-i2v'")
+    return Path(path)
+
+
+def load_for_training(m, cache_dir: Path, device):
+    """A `VideoModel` ready to fine-tune, from the `model` section of the config."""
+    from ipro.models import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
+    return load_model(
+        resolve_model_path(m.path, cache_dir),
+        family=None if m.family == "auto" else m.family,
+        dtype=dtype,
+        device=device,
+        finetune="lora" if m.lora_rank > 0 else "full",
+        lora=m.init_lora,
+        lora_rank=max(m.lora_rank, 1),
+        lora_alpha=m.lora_alpha,
+        lora_targets=m.lora_targets,
+        lightning=m.lightning_lora,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+
+
+def _named(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    ids = {id(p) for p in params}
+    named = {n: p for n, p in module.named_parameters() if id(p) in ids}
+    if len(named) != len(params):
+        raise RuntimeError("trainable parameters must belong to model.trainable_module")
+    return named
+
+
+def _has_wandb() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _yaml(c: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False)
+
+
+def _brief(logs: dict) -> str:
+    keys = ("loss", "reward", "kl")
+    return " ".join(f"{k} {logs[k]:.4g}" for k in keys if k in logs and math.isfinite(logs[k]))
