@@ -81,8 +81,13 @@ class Trainer:
         self.named_params = _named(self.model.trainable_module, params)
         opt_cls = torch.optim.AdamW if c.optim.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
-        self.model.wrap_trainable(accelerator.prepare_model)
-        self.optimizer = accelerator.prepare_optimizer(self.optimizer)
+
+        def wrap(module):
+            # One prepare call for both: DeepSpeed builds its engine from the pair.
+            wrapped, self.optimizer = accelerator.prepare(module, self.optimizer)
+            return wrapped
+
+        self.model.wrap_trainable(wrap)
         self.ema = {k: p.detach().clone() for k, p in self.named_params.items()} if c.optim.ema_decay else None
         self.global_step = 0
         self.nonfinite_streak = 0
