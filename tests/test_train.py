@@ -172,3 +172,25 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
     with pytest.raises(IproError, match="manifest.parquet: not found"):
         SFTTrainer(config(tmp_path / "nothing", tmp_path / "out", method="sft"))
+
+
+def test_samples_ema_and_logs(dataset, tmp_path):
+    """Sample videos are playable; EMA follows its formula and is checkpointed; CPU peak memory is logged."""
+    from ipro.data.video import read_video
+    from ipro.train.checkpoint import load_checkpoint
+    from ipro.train.sft import SFTTrainer
+
+    trainer = SFTTrainer(config(dataset, tmp_path, method="sft", **{"optim.ema_decay": 0.5}))
+    p0 = trainable(trainer)
+    logs = trainer.step()
+    p1 = trainable(trainer)
+    trainer.step()
+    p2 = trainable(trainer)
+    for k in p0:  # ema = 0.5 * (0.5 * p0 + 0.5 * p1) + 0.5 * p2
+        assert torch.allclose(trainer.ema[k], 0.25 * p0[k] + 0.25 * p1[k] + 0.5 * p2[k], atol=1e-6), k
+    assert any(not torch.equal(p0[k], p2[k]) for k in p0)
+    saved = load_checkpoint(trainer.save())
+    assert all(torch.equal(saved["ema"][k], trainer.ema[k]) for k in p0)
+    assert logs["peak_rss_gb"] > 0.1
+    (sample,) = trainer.write_samples()
+    assert sample.name.startswith("step-000002-") and read_video(sample)[0].shape == (9, 128, 160, 3)

@@ -179,6 +179,10 @@ class Trainer:
         logs["step_time_s"] = time.perf_counter() - t0
         if torch.cuda.is_available():
             logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            logs["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         return logs
 
     def _set_lr(self) -> None:
@@ -273,8 +277,27 @@ class Trainer:
         acc.end_training()
         return logs
 
-    def write_samples(self) -> None:
-        """Sample videos for the first batch items; methods may override."""
+    @torch.no_grad()
+    def write_samples(self) -> list[Path]:
+        """Videos of the current model for the first item of the data order, one per
+        process' share, written to output_dir/samples/step-<N>-<id>.mp4 (ODE, fixed seed)."""
+        from ipro.data.video import write_video
+        from ipro.sampling import sample
+
+        if not self.accelerator.is_main_process:
+            return []
+        c, d = self.config, self.config.data
+        batch = self.batch_at(0, 0)
+        images = batch["image"].to(self.accelerator.device)
+        cond = self.model.prepare_condition(images, [x or d.default_prompt for x in batch["caption"]], d.num_frames, d.height, d.width)
+        rollout = sample(self.model, cond, num_steps=c.sampler.num_steps, seed=c.run.seed, guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift)
+        video = (self.model.decode(rollout.latents) * 255).round().clamp(0, 255).to(torch.uint8)
+        paths = []
+        for i, item_id in enumerate(batch["id"]):
+            path = self.output_dir / "samples" / f"step-{self.global_step:06d}-{item_id}.mp4"
+            write_video(path, video[i].permute(0, 2, 3, 1).cpu().numpy(), fps=self.model.fps)
+            paths.append(path)
+        return paths
 
 
 def resolve_model_path(path: str, cache_dir: Path) -> Path:
