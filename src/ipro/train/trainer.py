@@ -269,6 +269,7 @@ class Trainer:
                 logs = self.step()
                 if self.global_step % c.run.log_every == 0:
                     acc.log(logs, step=self.global_step)
+                    self._append_log(logs)
                 bar.update(task, completed=self.global_step, info=_brief(logs))
                 if self.global_step % c.run.checkpoint_every == 0 or self.global_step == c.optim.steps:
                     self.save()
@@ -276,6 +277,15 @@ class Trainer:
                     self.write_samples()
         acc.end_training()
         return logs
+
+    def _append_log(self, logs: dict) -> None:
+        """logs.jsonl beside the TensorBoard files: curves without a TensorBoard reader. A
+        resumed run logs again the steps after its checkpoint; readers keep the last line per step."""
+        if self.accelerator.is_main_process:
+            import json
+
+            with open(self.output_dir / "logs.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.global_step, **{k: float(v) for k, v in logs.items()}}) + "\n")
 
     @torch.no_grad()
     def write_samples(self) -> list[Path]:
