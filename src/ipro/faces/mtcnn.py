@@ -194,6 +194,58 @@ class MTCNN(nn.Module):
             for b, s, p in zip(boxes.split(counts), scores.split(counts), landmarks.split(counts))
         ]
 
+    @torch.no_grad()
+    def detect_video(
+        self, frames: torch.Tensor, keyframe_every: int = 8, margin: float = 0.1, confirm_score: float = 0.0
+    ) -> list[Detections]:
+        """Faces in consecutive frames of ONE video, mostly without the image pyramid.
+
+        The full cascade runs on every `keyframe_every`-th frame. On the frames in
+        between, O-Net alone re-examines the nearest earlier keyframe's faces (boxes
+        squared and grown by `margin` on each side) and refines them, which is what the
+        cascade's last stage would do anyway. A frame where O-Net does not confirm every
+        tracked face, or whose keyframe had none, gets the full cascade, so faces that
+        leave are not invented; a face that *enters* between keyframes is found at the
+        next keyframe. A tracked face counts as confirmed only with an O-Net score of at
+        least `confirm_score` (pass the threshold you will filter with). Returns one
+        `Detections` per frame, like `detect`.
+        """
+        if keyframe_every < 1:
+            raise ValueError(f"keyframe_every must be at least 1, got {keyframe_every}")
+        x = self._check(frames)
+        n = x.shape[0]
+        keys = list(range(0, n, keyframe_every))
+        out: list[Detections | None] = [None] * n
+        for k, det in zip(keys, self.detect(frames[keys])):
+            out[k] = det
+        boxes, img, expected = [], [], {}
+        for k in keys:
+            tracked = out[k]
+            for f in range(k + 1, min(k + keyframe_every, n)):
+                if len(tracked):
+                    side = (tracked.boxes[:, 2:] - tracked.boxes[:, :2]).amax(1, keepdim=True)
+                    boxes.append(_square(tracked.boxes) + side * margin * x.new_tensor([-1.0, -1.0, 1.0, 1.0]))
+                    img.append(torch.full((len(tracked),), f, dtype=torch.long, device=x.device))
+                    expected[f] = len(tracked)
+        redo = [f for f in range(n) if out[f] is None and f not in expected]
+        if boxes:
+            integral = F.pad(x.permute(0, 2, 3, 1).double().cumsum(1).cumsum(2), (0, 0, 1, 0, 1, 0))
+            b, s, p, i = self._output(integral, torch.cat(boxes), torch.cat(img))
+            keep = s >= max(self.min_score, confirm_score)
+            b, s, p, i = b[keep], s[keep], p[keep], i[keep]
+            counts = torch.bincount(i, minlength=n).tolist()
+            for f, bb, ss, pp in zip(range(n), b.split(counts), s.split(counts), p.split(counts)):
+                if f in expected:
+                    if counts[f] == expected[f]:
+                        out[f] = Detections(bb, ss, pp)
+                    else:
+                        redo.append(f)
+        if redo:
+            redo.sort()
+            for f, det in zip(redo, self.detect(frames[redo])):
+                out[f] = det
+        return out
+
     def _check(self, images: torch.Tensor) -> torch.Tensor:
         """Validated images as float32 in [0, 255] (the nets' pixel units)."""
         if not isinstance(images, torch.Tensor):
