@@ -38,3 +38,12 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
     t = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0
     return t.movedim(-1, -3)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """The tiny random-weight Wan presets, saved in diffusers format once per session."""
+    from ipro.models import TINY_FAMILIES, build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: build_tiny(family, root / family, seed=0) for family in TINY_FAMILIES}

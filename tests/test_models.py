@@ -12,18 +12,12 @@ from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
 from ipro.errors import IproError
-from ipro.models import FAMILIES, TINY_FAMILIES, build_tiny, detect_family, load_model
+from ipro.models import FAMILIES, TINY_FAMILIES, detect_family, load_model
 from ipro.sampling import sample
 
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {family: build_tiny(family, root / family, seed=0) for family in TINY_FAMILIES}
 
 
 @pytest.fixture(scope="module")

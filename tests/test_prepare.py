@@ -250,11 +250,11 @@ def test_usage_errors_exit_2(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("frames: 16\n", "frames: 16 is not 4k+1"),
-        ("fps: fast\n", "fps: Input should be a valid number"),
-        ("width: 100\n", "width: 100 is not a multiple of 16"),
-        ("people: two\n", "people: Input should be 'any', 'single' or 'multi'"),
-        ("stills: 1\n", "stills: Input should be a valid boolean"),
+        ("frames: 16\n", "key 'frames': 16 is not 4k+1"),
+        ("fps: fast\n", "key 'fps': Input should be a valid number"),
+        ("width: 100\n", "key 'width': 100 is not a multiple of 16"),
+        ("people: two\n", "key 'people': Input should be 'any', 'single' or 'multi'"),
+        ("stills: 1\n", "key 'stills': Input should be a valid boolean"),
         ("vlm_filter: no_such_module:fn\n", "vlm_filter: cannot load 'no_such_module:fn'"),
         ("- a\n- b\n", "must be a mapping"),
     ],

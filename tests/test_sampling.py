@@ -10,18 +10,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
 from PIL import Image
 
-from ipro.models import build_tiny, load_model
+from ipro.models import load_model
 from ipro.sampling import flow_schedule, sample, sde_sample, sde_step_logprob
 
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {f: build_tiny(f, root / f, seed=0) for f in ("wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b")}
 
 
 @pytest.fixture(scope="module")

@@ -48,11 +48,11 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ipro.data.video import atomic_path, is_image, is_video, iter_video, probe_video, read_image, write_image, write_video
 from ipro.errors import IproError
+from ipro.yaml_config import read_mapping, validate
 
 FILTERS = ("length", "max_face_size", "min_face_size", "coverage", "confidence", "occlusion", "people", "vlm")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
@@ -149,31 +149,10 @@ class PrepareConfig(BaseModel):
 
 def load_config(path: str | Path | None = None, **overrides) -> PrepareConfig:
     """Read a YAML config; an unknown key or a wrong value is a one-line IproError naming it."""
-    data: dict = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise IproError(f"{path}: config file not found; pass a YAML file like configs/prepare-tiny.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise IproError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
-        if not isinstance(data, dict):
-            raise IproError(f"{path}: must be a mapping of settings, got {type(data).__name__}")
+    data = read_mapping(path, "configs/prepare-tiny.yaml") if path is not None else {}
+    where = str(path) if path is not None else "config"
     data.update(overrides)
-    try:
-        config = PrepareConfig(**data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            raise IproError(f"{where}: unknown key '{key}'; remove it (valid keys: {', '.join(PrepareConfig.model_fields)})") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"]:  # a rule across keys; the message names them
-            raise IproError(f"{where}: {msg}; fix the values") from None
-        raise IproError(f"{where}: {key}: {msg} (got {err.get('input')!r}); fix the value") from None
+    config = validate(PrepareConfig, data, where, f"remove it (valid keys: {', '.join(PrepareConfig.model_fields)})")
     if config.vlm_filter:
         try:
             load_callable(config.vlm_filter)  # fail now, not after an hour of decoding

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ipro.errors import IproError
+from ipro.yaml_config import read_mapping, validate
 
 
 class Section(BaseModel):
@@ -134,37 +135,9 @@ class TrainConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
 
-def _one_line(err: ValidationError, source: str) -> str:
-    # An unknown key (often a typo) explains more than the missing key it was meant to be.
-    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    e = errors[0]
-    key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-    if e["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; see `ipro train --print-config` for the valid keys"
-    if e["type"] == "missing":
-        return f"{source}: missing required key '{key}'"
-    if e["type"] == "value_error":  # our own cross-field checks already name their keys
-        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
-    return f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})"
-
-
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a YAML config; `overrides` are dotted keys ('optim.lr': 1e-4)."""
-    data: dict = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise IproError(f"{path}: config file not found; see configs/ for presets")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise IproError(f"{path}: not valid YAML{where}; fix the syntax") from None
-        if not isinstance(data, dict):
-            raise IproError(f"{path}: top level must be a mapping of sections (model, data, ...)")
+    data: dict = read_mapping(path, "configs/tiny-cpu-ipro.yaml") if path is not None else {}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -173,10 +146,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             if not isinstance(node, dict):
                 raise IproError(f"override '{dotted}': '{p}' is not a section")
         node[leaf] = value
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise IproError(_one_line(e, source)) from None
+    return validate(TrainConfig, data, str(path) if path is not None else "config",
+                    "see `ipro train --print-config` for the valid keys")
 
 
 def describe_defaults() -> str:
