@@ -2,3 +2,5 @@
 the batched, differentiable `FaceEmbedder` that rewards and metrics build on."""
 
 from ipro.faces.types import Detections
+
+__all__ = ["Detections"]
