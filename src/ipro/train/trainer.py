@@ -321,7 +321,11 @@ def resolve_model_path(path: str, cache_dir: Path) -> Path:
             build_tiny(family, target, seed=0)
         return target
     if path == "builtin":
-        raise IproError("model.path 'builtin': the embedded small model is not in this version yet; pass a diffusers folder or 'tiny:wan2.1-i2v'")
+        from ipro.models.pixel import BUILTIN_PATH
+
+        if not (BUILTIN_PATH / "model_index.json").is_file():
+            raise IproError(f"{BUILTIN_PATH}: the embedded base model is missing; reinstall ipro or run scripts/train_base_model.py")
+        return BUILTIN_PATH
     return Path(path)
 
 
