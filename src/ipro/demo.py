@@ -130,7 +130,8 @@ def summarize(runs: dict[str, dict], ceiling: dict) -> list[dict]:
     rows = []
     for name, result in runs.items():
         fs = per_video(result, "face_sim", with_gt)
-        mean, lo, hi = bootstrap_mean(fs) if fs else (float("nan"),) * 3
+        ci = bootstrap_mean(fs)
+        mean, lo, hi = (ci["mean"], ci["ci_low"], ci["ci_high"]) if fs else (float("nan"), None, None)
         astro = per_video(result, "face_sim", {"astronaut"})
         agg = result["aggregate"]
         rows.append({
@@ -233,7 +234,7 @@ def write_demo_report(out: Path, rows: list[dict], heldout: Path, videos: dict[s
     return out / "demo_report.html"
 
 
-def run_demo(out: str | Path, steps: int = 40, sample_steps: int = 8, ablations: bool = True, model: str | Path | None = None, log=print) -> dict:
+def run_demo(out: str | Path, steps: int = 40, sample_steps: int = 4, ablations: bool = True, model: str | Path | None = None, log=print) -> dict:
     from ipro.data.prepare import load_config as prepare_config
     from ipro.data.prepare import prepare
     from ipro.eval import Evaluator, evaluate

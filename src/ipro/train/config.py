@@ -82,7 +82,12 @@ class RewardConfig(Section):
 
 class KLConfig(Section):
     weight: float = Field(1.0, ge=0, description="beta; 0 turns the KL regularizer off (an ablation).")
-    weighting: Literal["sigma", "uniform"] = Field("sigma", description="'sigma': ||v - v_ref||^2 / (2 sigma_t^2) as in the public code; 'uniform': plain mean.")
+    weighting: Literal["sigma", "uniform", "x0"] = Field(
+        "sigma",
+        description="'sigma': ||v - v_ref||^2 / (2 sigma_t^2) as in the public code; 'uniform': plain mean; "
+        "'x0': sigma_t^2 ||v - v_ref||^2 = ||x0 - x0_ref||^2, the KL measured on the predicted clip (independent of "
+        "how the model parametrizes its output; use it for x0-predicting models, whose sigma-weighted KL grows like 1/sigma^4).",
+    )
 
 
 class OptimConfig(Section):

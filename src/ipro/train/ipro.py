@@ -41,7 +41,7 @@ def build_face_reward(rc, device):
 
 
 def multistep_kl(model, rollout, cond, weighting: str) -> torch.Tensor:
-    """Mean over the K gradient steps of ||v - v_ref||^2, per step divided by 2 sigma^2."""
+    """Mean over the K gradient steps of ||v - v_ref||^2, weighted per step (see KLConfig)."""
     if not rollout.grad_steps:
         return torch.zeros((), device=rollout.latents.device)
     mask = model.generated_mask(cond)
@@ -54,8 +54,11 @@ def multistep_kl(model, rollout, cond, weighting: str) -> torch.Tensor:
             per_sample = sq.flatten(1).sum(1) / (mask.expand_as(sq)[0].sum().clamp_min(1))
         else:
             per_sample = sq.flatten(1).mean(1)
+        sigma = step.sigma.to(per_sample)
         if weighting == "sigma":
-            per_sample = per_sample / (2 * step.sigma.to(per_sample).clamp_min(1e-3) ** 2)
+            per_sample = per_sample / (2 * sigma.clamp_min(1e-3) ** 2)
+        elif weighting == "x0":  # x0 = x_t - sigma * v, so this is ||x0 - x0_ref||^2
+            per_sample = per_sample * sigma**2
         terms.append(per_sample.mean())
     return torch.stack(terms).mean()
 
