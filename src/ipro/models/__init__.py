@@ -9,6 +9,7 @@ A new family is one module with a `@register_family` subclass of `VideoModel`, i
 
 from ipro.models.base import FAMILIES, Condition, VideoModel, detect_family, load_model, register_family
 from ipro.models import wan  # noqa: F401  (registers the Wan families)
+from ipro.models import pixel  # noqa: F401  (registers the pixel-space base model family)
 from ipro.models.tiny import TINY_FAMILIES, build_tiny
 
 __all__ = [

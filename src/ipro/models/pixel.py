@@ -1,0 +1,406 @@
+"""`pixel-i2v`: a small Wan transformer that works on pixels, the project's own CPU base model.
+
+The committed weights (`ipro/assets/base-model`, trained by `scripts/train_base_model.py`)
+use this family. It is a real diffusers `WanTransformer3DModel`, driven like Wan 2.2 TI2V,
+but with no VAE: the "latent" is the video itself.
+
+- Latent space: pixels in [-1, 1], with each group of 4 frames stacked on the channels
+  (12 channels), like the Wan VAE's 4x temporal packing, so videos have 4k+1 frames.
+  Latent frame 0 is the first frame repeated 4 times. Encoding and decoding are exact
+  reshapes: no weights, and decode passes gradients straight to the pixels.
+- The transformer patchifies 8x8 pixels x 4 frames per token (patch_size (1, 8, 8) on
+  12 channels), so a 128x160x9 video is 960 tokens.
+- First frame: imposed before every step with per-token timesteps (its tokens get t = 0),
+  as Wan 2.2 TI2V does.
+- Prediction: a token holds 768 values but the transformer's width is far smaller, so it
+  cannot output a full-rank velocity (noise outside its output subspace would never be
+  removed). It predicts the clean video as the first frame plus a change:
+  x0 = first_frame + transformer(x_t, t), and the velocity follows as (x_t - x0) / sigma.
+  Fine detail of later frames therefore comes from the first frame; the model adds
+  motion and change at the coarseness its width allows, which is why faces drift.
+- Schedule: shift_terminal 0.2, so the last model call (which makes the video) is at sigma
+  0.2, not ~0 where v and the multi-step KL on v would blow up.
+- No text conditioning: prompts are accepted and ignored (a fixed all-zero text token), so
+  classifier-free guidance has no effect and is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ipro.errors import IproError
+from ipro.models.base import Condition, VideoModel, quiet_loading, read_model_index, register_family
+from ipro.models.wan import ADAPTER, DEFAULT_LORA_TARGETS, _lora_file
+
+PIPELINE_NAME = "IproPixelI2VPipeline"  # model_index.json's _class_name; how the family is detected
+FRAMES_PER_LATENT = 4
+CHANNELS = 3 * FRAMES_PER_LATENT
+PATCH = (1, 8, 8)
+TEXT_DIM = 16
+# The schedule's last step starts at sigma = 0.2 instead of ~0. An x0-predicting model makes
+# its final video at its last call, so a call at sigma ~ 0 would be the one that decides the
+# output while v = (x_t - x0) / sigma (and the multi-step KL on v) blows up there.
+SHIFT_TERMINAL = 0.2
+
+# The committed base model (see its MODEL_CARD.md).
+BUILTIN_PATH = Path(__file__).resolve().parent.parent / "assets" / "base-model"
+
+
+def default_transformer_config(dim: int = 128, layers: int = 4, heads: int = 4, ffn: int = 512) -> dict:
+    return dict(
+        patch_size=PATCH,
+        num_attention_heads=heads,
+        attention_head_dim=dim // heads,
+        in_channels=CHANNELS,
+        out_channels=CHANNELS,
+        text_dim=TEXT_DIM,
+        freq_dim=64,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=256,
+    )
+
+
+class PatchEmbedding(torch.nn.Conv3d):
+    """The transformer's patch Conv3d (kernel = stride) computed as a matmul over patches.
+
+    Same parameters and state-dict keys. Why: torch 2.13's CPU bfloat16 conv3d returns wrong
+    values for this shape (12 channels, 8x8 kernel: relative error ~1.2 under autocast),
+    which silently breaks bf16 training and inference on CPU; a matmul is exact.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        pt, ph, pw = self.kernel_size
+        patches = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)
+        out = F.linear(patches, self.weight.flatten(1), self.bias)  # (B, F', H', W', dim)
+        return out.permute(0, 4, 1, 2, 3)
+
+
+def pack(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [0, 1] with F = 4k+1 -> (B, 12, k+1, H, W) in [-1, 1]."""
+    b, c, f, h, w = video.shape
+    if (f - 1) % FRAMES_PER_LATENT:
+        raise ValueError(f"pack needs 4k+1 frames, got {f}")
+    x = video * 2 - 1
+    first = x[:, :, :1].expand(b, c, FRAMES_PER_LATENT, h, w)  # frame 0 fills its own latent frame
+    x = torch.cat([first, x[:, :, 1:]], dim=2)  # (B, 3, 4(k+1), H, W)
+    x = x.reshape(b, c, -1, FRAMES_PER_LATENT, h, w).permute(0, 3, 1, 2, 4, 5)  # (B, 4, 3, k+1, H, W)
+    return x.reshape(b, CHANNELS, -1, h, w)
+
+
+def unpack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 12, k+1, H, W) -> (B, 4k+1, 3, H, W) in [0, 1] (latent frame 0's copies averaged)."""
+    b, _, n, h, w = latents.shape
+    x = latents.reshape(b, FRAMES_PER_LATENT, 3, n, h, w).permute(0, 3, 1, 2, 4, 5)  # (B, k+1, 4, 3, H, W)
+    video = torch.cat([x[:, :1].mean(2), x[:, 1:].flatten(1, 2)], dim=1)
+    return (video / 2 + 0.5).clamp(0, 1)
+
+
+@register_family
+class PixelI2V(VideoModel):
+    """Pixel-space Wan transformer with first-frame residual prediction (see the module docstring)."""
+
+    family = "pixel-i2v"
+    fps = 15.0  # trained on 30 fps footage taken every other frame
+    scale_factor_temporal = FRAMES_PER_LATENT
+    scale_factor_spatial = 1
+    patch_size = PATCH
+    latent_channels = CHANNELS
+    default_steps = 4  # measured: 4 steps keep faces detectable more often than 8 (see MODEL_CARD.md)
+    default_guidance = 1.0
+
+    # --- Loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, model_index, transformer_config):
+        return model_index.get("_class_name") == PIPELINE_NAME
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        finetune: str | None = None,
+        lora: str | Path | None = None,
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        lightning=None,
+        gradient_checkpointing: bool = False,
+        **_ignored,  # VAE options of other families (vae_tiling, vae_dtype): there is no VAE
+    ) -> "PixelI2V":
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+        path = Path(path)
+        read_model_index(path)
+        if lightning is not None:
+            raise IproError(f"{cls.family}: has no distilled Lightning LoRA; drop --lightning / model.lightning_lora")
+        if finetune not in (None, "lora", "full"):
+            raise IproError(f"finetune={finetune!r}: use 'lora', 'full' or None")
+        try:
+            with quiet_loading():
+                transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype or torch.float32)
+                scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise IproError(f"{path}: could not load the model ({reason}); rebuild the folder") from None
+        model = cls(transformer, scheduler)
+        if lora is not None and finetune == "full":
+            model._merge_lora(lora)
+        model.setup_finetuning(finetune, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
+        if lora is not None and finetune != "full":
+            model.load_lora(lora)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return model.to(device)
+
+    @classmethod
+    def from_config(cls, shift: float = 3.0, **transformer_options) -> "PixelI2V":
+        """A new model with random weights (training from scratch)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+        transformer = WanTransformer3DModel(**default_transformer_config(**transformer_options))
+        return cls(transformer, FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=SHIFT_TERMINAL))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write model_index.json, transformer/ (safetensors) and scheduler/ under `path`."""
+        import diffusers
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with quiet_loading():
+            self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+            self.scheduler.save_pretrained(path / "scheduler")
+        index = {
+            "_class_name": PIPELINE_NAME,
+            "_diffusers_version": diffusers.__version__,
+            "ipro_family": self.family,
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "transformer": ["diffusers", type(self.transformer).__name__],
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return path
+
+    def __init__(self, transformer, scheduler):
+        config = transformer.config
+        if tuple(config.patch_size) != PATCH or config.in_channels != CHANNELS or config.out_channels != CHANNELS:
+            raise IproError(
+                f"{self.family}: the transformer has patch_size={tuple(config.patch_size)}, in/out channels "
+                f"{config.in_channels}/{config.out_channels}; the family expects {PATCH} and {CHANNELS}"
+            )
+        transformer.patch_embedding.__class__ = PatchEmbedding  # a forward that is right in bf16 (see its docstring)
+        self.transformer = transformer.requires_grad_(False)
+        self.scheduler = scheduler
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.device = transformer.device
+        self.finetune: str | None = None
+        self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
+        self._use_reference = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.patch_embedding.weight.dtype
+
+    def to(self, device) -> "PixelI2V":
+        self.device = torch.device(device)
+        self.transformer.to(self.device)
+        if self._frozen is not None:
+            self._frozen.to(self.device)
+        return self
+
+    # --- Fine-tuning -----------------------------------------------------------------------
+
+    @property
+    def trainable_module(self) -> torch.nn.Module:
+        return self.transformer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.finetune is None:
+            return []
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=DEFAULT_LORA_TARGETS) -> None:
+        self.finetune = finetune
+        if finetune == "lora":
+            from peft import LoraConfig
+
+            # B starts at zero, so the fine-tuned model starts equal to the base model.
+            config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
+            try:
+                self.transformer.add_adapter(config, adapter_name=ADAPTER)
+            except ValueError as e:
+                raise IproError(f"lora_targets={list(targets)}: {str(e).splitlines()[0]}") from None
+            for name, p in self.transformer.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+                    p.data = p.data.float()  # adapters train in fp32 even when the base is bf16
+        elif finetune == "full":
+            self._frozen = copy.deepcopy(self.transformer).requires_grad_(False)  # the KL anchor
+            self.transformer.requires_grad_(True)
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write pytorch_lora_weights.safetensors in diffusers' Wan LoRA format."""
+        from diffusers import WanImageToVideoPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        if self.finetune != "lora":
+            raise ValueError("save_lora needs a model loaded with finetune='lora'")
+        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        WanImageToVideoPipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=self.transformer.peft_config[ADAPTER].to_dict(),  # keeps alpha != rank
+        )
+        return directory / "pytorch_lora_weights.safetensors"
+
+    def _read_lora(self, path: str | Path) -> tuple[Path, dict, dict | None]:
+        from diffusers import WanImageToVideoPipeline
+
+        file = _lora_file(path, "LoRA")
+        try:
+            state, metadata = WanImageToVideoPipeline.lora_state_dict(str(file), return_lora_metadata=True)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise IproError(f"{file}: not a LoRA file this model can read ({str(e).splitlines()[0][:200]})") from None
+        return file, state, metadata
+
+    def load_lora(self, path: str | Path) -> None:
+        """Load LoRA weights: into the trained adapter (finetune='lora'), else as a frozen adapter."""
+        file, state, metadata = self._read_lora(path)
+        if self.finetune == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            try:
+                result = set_peft_model_state_dict(self.transformer, state, adapter_name=ADAPTER)
+            except RuntimeError as e:
+                raise IproError(f"{file}: does not fit the LoRA being trained ({str(e).splitlines()[0][:200]}); match lora_rank and lora_targets") from None
+            if result.unexpected_keys:
+                raise IproError(f"{file}: has weights for layers the trained LoRA lacks (e.g. {result.unexpected_keys[0]}); match lora_targets")
+            return
+        if ADAPTER in getattr(self.transformer, "peft_config", {}):
+            self.transformer.delete_adapters(ADAPTER)
+        try:
+            self.transformer.load_lora_adapter(state, prefix="transformer", adapter_name=ADAPTER, metadata=metadata)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise IproError(f"{file}: not a LoRA this model can load ({str(e).splitlines()[0][:200]})") from None
+        self.transformer.requires_grad_(False)
+
+    def _merge_lora(self, path: str | Path) -> None:
+        file, state, metadata = self._read_lora(path)
+        try:
+            self.transformer.load_lora_adapter(state, prefix="transformer", adapter_name="merge", metadata=metadata)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise IproError(f"{file}: not a LoRA this model can merge ({str(e).splitlines()[0][:200]})") from None
+        self.transformer.fuse_lora(adapter_names=["merge"])
+        self.transformer.unload_lora()
+
+    @contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        if self.finetune == "lora":
+            self.transformer.disable_adapters()  # the base weights bit for bit, no second copy
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        elif self.finetune == "full":
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+        else:
+            yield
+
+    # --- Conditioning ----------------------------------------------------------------------
+
+    def prepare_condition(self, images, prompts, num_frames, height, width, negative_prompt: str | None = "") -> Condition:
+        self.check_shape(num_frames, height, width)
+        b = images.shape[0]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) not in (1, b):
+            raise ValueError(f"got {b} images but {len(prompts)} prompts")
+        images = images.to(self.device, torch.float32)
+        if tuple(images.shape[-2:]) != (height, width):
+            images = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        _, _, f, h, w = self.latent_shape(b, num_frames, height, width)
+        no_text = torch.zeros(b, 1, self.transformer.config.text_dim, device=self.device, dtype=self.dtype)
+        mask = torch.ones(1, 1, f, h, w, device=self.device)
+        mask[:, :, 0] = 0
+        return Condition(
+            prompt_embeds=no_text,
+            negative_prompt_embeds=no_text if negative_prompt is not None else None,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            image_latents=pack(images[:, :, None]),  # (B, 12, 1, H, W)
+            first_frame_mask=mask,
+        )
+
+    def impose_first_frame(self, x: torch.Tensor, cond: Condition) -> torch.Tensor:
+        m = cond.first_frame_mask
+        return (1 - m) * cond.image_latents + m * x
+
+    def generated_mask(self, cond: Condition) -> torch.Tensor:
+        return cond.first_frame_mask
+
+    # --- Denoising -------------------------------------------------------------------------
+
+    def predict_x0(self, x_t: torch.Tensor, t, cond: Condition) -> torch.Tensor:
+        """The clean-video prediction: the first frame plus the transformer's change."""
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(b) if t.ndim == 0 else t
+        x_in = self.impose_first_frame(x_t, cond)
+        # One timestep per token: the imposed first frame is clean (t = 0).
+        m = cond.first_frame_mask[0, 0, :, :: PATCH[1], :: PATCH[2]].flatten()
+        if self._use_reference and self._frozen is not None:
+            transformer = self._frozen
+        else:
+            transformer = self.forward_module(self.transformer)
+        change = transformer(
+            hidden_states=x_in.to(self.dtype),
+            timestep=m[None] * t[:, None],
+            encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
+            return_dict=False,
+        )[0]
+        return cond.image_latents + change.float()
+
+    def velocity(self, x_t, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
+        """v = (x_t - x0) / sigma. guidance_scale is ignored: with no text, CFG changes nothing."""
+        b = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(b) if t.ndim == 0 else t
+        sigma = (t / self.num_train_timesteps).clamp_min(1e-4).view(-1, 1, 1, 1, 1)
+        return (self.impose_first_frame(x_t, cond) - self.predict_x0(x_t, t, cond)) / sigma
+
+    # --- Pixels ----------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
+        """Latents -> (B, F, 3, H, W) in [0, 1]: an exact reshape, differentiable w.r.t. the latents."""
+        video = unpack(latents.float())
+        if frames is not None:
+            frames = list(frames)
+            if not frames or min(frames) < 0 or max(frames) >= video.shape[1]:
+                raise ValueError(f"frames must be in [0, {video.shape[1]}), got {frames}")
+            video = video[:, frames]
+        return video
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [0, 1] -> latents (B, 12, (F-1)/4+1, H, W)."""
+        return pack(video.float().to(self.device))
