@@ -14,7 +14,7 @@ from ipro.data.video import read_video, write_image
 from ipro.errors import IproError
 from ipro.models import detect_family, load_model
 from ipro.models.pixel import BUILTIN_PATH, PixelI2V, pack, unpack
-from ipro.sampling import sample
+from ipro.sampling import flow_schedule, sample
 
 from conftest import to_tensor
 
@@ -94,6 +94,20 @@ def test_velocity_is_the_first_frame_residual_and_first_frame_is_imposed(base):
     assert base.generated_mask(cond)[0, 0, :, 0, 0].tolist() == [0.0, 1.0]
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch rms_norm under autocast
+def test_bfloat16_matches_float32_and_schedule_ends_at_sigma_0_2(base):
+    # torch 2.13's CPU bf16 conv3d is wrong for 12-channel 8x8 patches; the family computes
+    # the patch embedding as a matmul, so bf16 autocast (training) stays close to float32.
+    image = torch.rand(1, 3, 32, 40)
+    cond = base.prepare_condition(image, [""], 5, 32, 40)
+    x = torch.randn(base.latent_shape(1, 5, 32, 40))
+    x0 = base.predict_x0(x, 700.0, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x0_bf16 = base.predict_x0(x, 700.0, cond)
+    assert float((x0_bf16 - x0).norm() / x0.norm()) < 0.02
+    assert float(flow_schedule(base).sigmas[-2]) == pytest.approx(0.2)  # the last call is at sigma 0.2
+
+
 def test_lora_step_reaches_the_adapter_and_saved_lora_reloads(tmp_path):
     model = load_model(BUILTIN_PATH, finetune="lora", lora_rank=4)
     image = torch.rand(1, 3, 32, 40)
@@ -118,6 +132,19 @@ def test_lora_step_reaches_the_adapter_and_saved_lora_reloads(tmp_path):
         assert torch.allclose(reloaded.velocity(x, 500.0, cond), v_tuned, atol=1e-4)
     with pytest.raises(IproError, match="Lightning"):
         load_model(BUILTIN_PATH, lightning=file)
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(base):
+    model = load_model(BUILTIN_PATH, finetune="full")
+    image = torch.rand(1, 3, 32, 40)
+    cond = model.prepare_condition(image, [""], 5, 32, 40)
+    x = torch.randn(model.latent_shape(1, 5, 32, 40))
+    v_base = base.velocity(x, 300.0, cond)
+    assert len(model.trainable_parameters()) == len(list(model.trainable_module.parameters()))
+    with torch.no_grad():
+        model.trainable_module.proj_out.bias.add_(0.1)
+    assert not torch.allclose(model.velocity(x, 300.0, cond), v_base)
+    assert torch.allclose(model.reference_velocity(x, 300.0, cond), v_base)
 
 
 def test_ipro_generate_with_the_base_model_and_a_lora(carphone, tmp_path):

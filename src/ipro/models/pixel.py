@@ -53,7 +53,8 @@ SHIFT_TERMINAL = 0.2
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "assets" / "base-model"
 
 
-def default_transformer_config(dim: int = 128, layers: int = 4, heads: int = 4, ffn: int = 512) -> dict:
+def default_transformer_config(dim: int = 192, layers: int = 4, heads: int = 6, ffn: int = 768) -> dict:
+    """WanTransformer3DModel arguments; the defaults are the committed model's."""
     return dict(
         patch_size=PATCH,
         num_attention_heads=heads,
@@ -111,7 +112,7 @@ class PixelI2V(VideoModel):
     """Pixel-space Wan transformer with first-frame residual prediction (see the module docstring)."""
 
     family = "pixel-i2v"
-    fps = 15.0  # trained on 30 fps footage taken every other frame
+    fps = 15.0  # trained on 30 fps footage taken every 1-3 frames (2 on average)
     scale_factor_temporal = FRAMES_PER_LATENT
     scale_factor_spatial = 1
     patch_size = PATCH
@@ -167,7 +168,7 @@ class PixelI2V(VideoModel):
         return model.to(device)
 
     @classmethod
-    def from_config(cls, shift: float = 3.0, **transformer_options) -> "PixelI2V":
+    def from_config(cls, shift: float = 2.0, **transformer_options) -> "PixelI2V":
         """A new model with random weights (training from scratch)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
