@@ -1,4 +1,4 @@
-"""`ipro train`: fine-tune an I2V model with IPRO (or the SFT baseline) from a YAML config."""
+"""`ipro train`: fine-tune an I2V model with IPRO, Identity-GRPO or the SFT baseline from a YAML config."""
 
 from __future__ import annotations
 
@@ -25,14 +25,16 @@ def _overrides(pairs: list[str]) -> dict:
 @app.command("train")
 def train_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/ for presets)."),
-    method: Optional[str] = typer.Option(None, help="Override the config's method: ipro | sft."),
+    method: Optional[str] = typer.Option(None, help="Override the config's method: ipro | grpo | sft."),
     resume: Optional[str] = typer.Option(
         None, help="Resume: 'latest' for the newest checkpoint in run.output_dir, or a checkpoint-<step> folder."
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and meaning, then exit."),
 ) -> None:
-    """Fine-tune with IPRO: reward feedback through the last K sampler steps plus a multi-step KL.
+    """Fine-tune with IPRO (reward feedback through the last K sampler steps plus a multi-step KL),
+    Identity-GRPO (--method grpo: group rollouts with the SDE sampler, clipped policy update)
+    or the SFT baseline (--method sft).
 
     The config is validated before any compute. Checkpoints (LoRA in diffusers format,
     optimizer, step) go to run.output_dir/checkpoint-<step>; TensorBoard logs beside them.

@@ -12,6 +12,10 @@ def trainer_class(method: str):
         from ipro.train.sft import SFTTrainer
 
         return SFTTrainer
+    if method == "grpo":
+        from ipro.train.grpo import GRPOTrainer
+
+        return GRPOTrainer
     from ipro.errors import IproError
 
-    raise IproError(f"method '{method}': not available; use 'ipro' or 'sft'")
+    raise IproError(f"method '{method}': not available; use 'ipro', 'grpo' or 'sft'")

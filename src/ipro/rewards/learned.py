@@ -1,0 +1,817 @@
+"""A learned identity reward: does this video keep the people of the reference image(s)?
+
+Identity-GRPO trains a video reward model on pairwise preferences (human and synthetic,
+see `ipro.data.pairs`). Here the default backbone is the frozen face stack
+(`FaceEmbedder`: MTCNN + dlib/ArcFace), so the model trains on a CPU in minutes:
+
+1. Reference identities: the faces of the reference image(s), clustered into people.
+2. N frames evenly spaced over the video; every face is detected and embedded once and
+   cached on disk (training never re-runs detection).
+3. Per frame, identity features (`FEATURES`): each face is assigned to a person
+   (Hungarian, per frame) and followed through time by position (`rewards.tracking`),
+   then: cosine to its track's person and the margin to the others, swaps, coverage,
+   extra and duplicated faces, and embedding changes along the track (to the previous
+   and to the first face, to the track's mean).
+4. A small temporal transformer over the N frame tokens (plus a linear path from the
+   frame-mean features) gives one scalar: the identity-consistency score.
+
+Loss: Bradley-Terry with ties, in Rao and Kupper's form (1967), as VideoAlign's reward
+model (which Identity-GRPO builds on) uses. With d = s_a - s_b and a learned tie margin
+tau >= 0:
+    P(a > b) = sigmoid(d - tau),  P(b > a) = sigmoid(-d - tau),
+    P(tie) = 1 - the two = sigmoid(tau - d) sigmoid(tau + d) (1 - exp(-2 tau)).
+A tie pulls the two scores together; a decisive label pushes them at least tau apart.
+
+`LearnedIdentityReward` plugs a trained model into the trainers like any `Reward`. Its
+score has no gradient to the pixels (detection and assignment are discrete, and GRPO
+needs none); it is normalized by the mean/std of the scores of the training videos.
+
+A VLM backbone (Identity-GRPO's choice: Qwen2.5-VL with LoRA and a value head on the
+last token) is `VlmRewardModel`: the same pairs and loss, loaded from a local folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ipro.errors import IproError
+from ipro.rewards.base import (
+    Normalization,
+    Reward,
+    RewardBatch,
+    RewardOutput,
+    finish,
+)
+
+FEATURES = (
+    "has_face",  # any face in the frame
+    "coverage",  # fraction of the reference people found in the frame
+    "extra_faces",  # faces beyond the number of people, per person
+    "own_cos",  # mean cosine of each face to its track's person
+    "own_cos_min",  # the worst face's cosine to its track's person
+    "match_cos",  # mean cosine to the person each face matches in this frame
+    "margin",  # own_cos minus the best cosine to another person (several people)
+    "swapped",  # fraction of faces whose per-frame match is not their track's person
+    "step_cos",  # cosine of each track's face to the same track's previous face
+    "track_cos",  # cosine of each face to its track's mean embedding
+    "first_cos",  # cosine of each face to its track's first face
+    "dup_cos",  # highest cosine between two faces of the frame (one person twice)
+    "time",  # position of the frame in the video, 0..1
+)
+FORMAT = "ipro-identity-reward-1"
+
+
+# --- Faces of a video, cached ----------------------------------------------------------
+
+
+@dataclass
+class VideoFaceData:
+    """The faces of N sampled frames of one video (what detection costs; cached)."""
+
+    embeddings: torch.Tensor  # (M, D) unit norm
+    frame: torch.Tensor  # (M,) 0..N-1: position among the sampled frames
+    boxes: torch.Tensor  # (M, 4)
+    num_frames: int  # N
+
+
+def sample_frames(num_frames: int, n: int) -> torch.Tensor:
+    """n frame indices evenly spaced over a video, first and last included; a video
+    shorter than n repeats frames, so every video gives exactly n tokens."""
+    return torch.linspace(0, max(num_frames - 1, 0), n).round().long()
+
+
+def reference_people(embeddings: torch.Tensor, image: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(P, D) unit centroids of the people in the reference faces; faces of one image
+    are different people, faces of different images that agree are merged."""
+    from ipro.faces.identity import cluster_identities
+
+    if embeddings.shape[0] == 0:
+        return embeddings.new_zeros(0, embeddings.shape[-1])
+    ids = cluster_identities(embeddings, image, threshold)
+    sums = embeddings.new_zeros(int(ids.max()) + 1, embeddings.shape[1]).index_add_(0, ids.to(embeddings.device), embeddings)
+    return F.normalize(sums, dim=-1)
+
+
+def frame_features(faces: VideoFaceData, people: torch.Tensor) -> torch.Tensor:
+    """(N, len(FEATURES)) identity features per sampled frame; NaN where undefined.
+
+    people: (P, D) reference centroids. With P = 0 (no face in the reference) the
+    video's own first faces stand in, so temporal consistency is still measured.
+    """
+    from ipro.faces.identity import assign
+    from ipro.rewards.tracking import track_faces, track_identity
+
+    n = faces.num_frames
+    out = torch.full((n, len(FEATURES)), float("nan"))
+    col = {k: i for i, k in enumerate(FEATURES)}
+    out[:, col["time"]] = torch.linspace(0, 1, n) if n > 1 else 0.0
+    emb, frame, boxes = faces.embeddings.float().cpu(), faces.frame.long().cpu(), faces.boxes.float().cpu()
+    if people.shape[0] == 0 and emb.shape[0]:
+        first = frame == frame.min()
+        people = F.normalize(emb[first], dim=-1)
+    people = people.float().cpu()
+    p = people.shape[0]
+    counts = torch.bincount(frame, minlength=n)
+    out[:, col["has_face"]] = (counts > 0).float()
+    out[:, col["extra_faces"]] = (counts - p).clamp_min(0).float() / max(p, 1)
+    out[:, col["coverage"]] = 0.0
+    if emb.shape[0] == 0 or p == 0:
+        return out
+    sim = emb @ people.T  # (M, P)
+    match = torch.full((len(emb),), -1, dtype=torch.long)
+    for f in frame.unique().tolist():
+        idx = torch.nonzero(frame == f).flatten()
+        for face, person in assign(sim[idx], -2.0):
+            match[idx[face]] = person
+    track = track_faces(frame, boxes)
+    person = track_identity(track, match)
+    own = sim[torch.arange(len(emb)), person.clamp_min(0)]
+    others = sim.clone()
+    others[torch.arange(len(emb)), person.clamp_min(0)] = -2.0
+    best_other = others.max(1).values if p > 1 else torch.full_like(own, float("nan"))
+    matched_cos = sim[torch.arange(len(emb)), match.clamp_min(0)]
+    # Embedding changes along each track.
+    step_cos = torch.full((len(emb),), float("nan"))
+    first_cos = torch.full((len(emb),), float("nan"))
+    track_cos = torch.full((len(emb),), float("nan"))
+    for t in track.unique().tolist():
+        idx = torch.nonzero(track == t).flatten()
+        idx = idx[frame[idx].argsort()]
+        e = emb[idx]
+        track_cos[idx] = e @ F.normalize(e.mean(0), dim=0)
+        first_cos[idx] = e @ e[0]
+        if len(idx) > 1:
+            step_cos[idx[1:]] = (e[1:] * e[:-1]).sum(-1)
+    for f in frame.unique().tolist():
+        i = torch.nonzero(frame == f).flatten()
+        own_i, has_person = own[i], person[i] >= 0
+        row = out[f]
+        row[col["coverage"]] = match[i][match[i] >= 0].unique().numel() / p
+        if has_person.any():
+            row[col["own_cos"]] = own_i[has_person].mean()
+            row[col["own_cos_min"]] = own_i[has_person].min()
+            row[col["swapped"]] = (match[i][has_person] != person[i][has_person]).float().mean()
+            if p > 1:
+                row[col["margin"]] = (own_i - best_other[i])[has_person].mean()
+        if (match[i] >= 0).any():
+            row[col["match_cos"]] = matched_cos[i][match[i] >= 0].mean()
+        for name, values in (("step_cos", step_cos), ("track_cos", track_cos), ("first_cos", first_cos)):
+            v = values[i][~torch.isnan(values[i])]
+            if len(v):
+                row[col[name]] = v.mean()
+        if len(i) > 1:
+            pair = emb[i] @ emb[i].T
+            row[col["dup_cos"]] = pair.masked_fill(torch.eye(len(i), dtype=torch.bool), -2.0).max()
+    return out
+
+
+class FaceFeatureExtractor:
+    """Faces of videos and reference images through a frozen `FaceEmbedder`, cached.
+
+    cache_dir: where per-file face data goes (keyed by path, size, mtime, frame count
+    and recognizer); None keeps it in memory only.
+    """
+
+    def __init__(self, embedder=None, num_frames: int = 8, cache_dir: str | Path | None = None,
+                 identity_threshold: float | None = None) -> None:
+        from ipro.faces.embedder import FaceEmbedder
+        from ipro.rewards.face import default_identity_threshold
+
+        self.embedder = embedder if embedder is not None else FaceEmbedder()
+        self.num_frames = num_frames
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        rec = self.embedder.recognizer.name
+        self.identity_threshold = identity_threshold if identity_threshold is not None else default_identity_threshold(rec)
+        self._memory: dict[str, Any] = {}
+
+    @property
+    def recognizer(self) -> str:
+        return self.embedder.recognizer.name
+
+    @torch.no_grad()
+    def video_faces(self, frames: torch.Tensor) -> list[VideoFaceData]:
+        """(B, F, 3, H, W) in [0, 1] -> faces of N evenly spaced frames of each video."""
+        steps = sample_frames(frames.shape[1], self.num_frames).to(frames.device)
+        faces = self.embedder(frames[:, steps].detach())
+        out = []
+        for b in range(frames.shape[0]):
+            i = faces.sample == b
+            out.append(VideoFaceData(faces.embeddings[i].float().cpu(), faces.frame[i].cpu(), faces.boxes[i].float().cpu(), len(steps)))
+        return out
+
+    @torch.no_grad()
+    def image_faces(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 3, H, W) -> embeddings (M, D) and the image index of each face (M,)."""
+        faces = self.embedder(images[:, None].detach())
+        return faces.embeddings.float().cpu(), faces.sample.cpu()
+
+    def people(self, images: torch.Tensor) -> torch.Tensor:
+        emb, image = self.image_faces(images)
+        return reference_people(emb, image, self.identity_threshold)
+
+    # -- files, with the cache --
+
+    def _key(self, path: Path, what: str) -> str:
+        st = path.stat()
+        raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{what}|{self.recognizer}"
+        return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+    def _cached(self, path: Path, what: str, compute):
+        key = self._key(path, what)
+        if key in self._memory:
+            return self._memory[key]
+        file = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        if file is not None and file.is_file():
+            value = torch.load(file, weights_only=True)
+        else:
+            value = compute()
+            if file is not None:
+                from ipro.data.video import atomic_path
+
+                with atomic_path(file) as tmp:
+                    torch.save(value, tmp)
+        self._memory[key] = value
+        return value
+
+    def video_file(self, path: str | Path) -> VideoFaceData:
+        from ipro.data.video import read_media
+
+        path = Path(path)
+
+        def compute() -> dict:
+            frames, _ = read_media(path)
+            (faces,) = self.video_faces(_to_tensor(frames)[None])
+            return asdict(faces)
+
+        return VideoFaceData(**self._cached(path, f"video{self.num_frames}", compute))
+
+    def people_files(self, paths: list[str | Path]) -> torch.Tensor:
+        from ipro.data.video import read_image
+
+        embs, index = [], []
+        for k, path in enumerate(paths):
+            emb = self._cached(Path(path), "image", lambda p=Path(path): self.image_faces(_to_tensor(read_image(p))[None])[0])
+            embs.append(emb)
+            index.append(torch.full((len(emb),), k, dtype=torch.long))
+        dim = self.embedder.embedding_dim
+        return reference_people(torch.cat(embs) if embs else torch.zeros(0, dim), torch.cat(index) if index else torch.zeros(0, dtype=torch.long), self.identity_threshold)
+
+    def file_features(self, video: str | Path, references: list[str | Path]) -> torch.Tensor:
+        return frame_features(self.video_file(video), self.people_files(references))
+
+
+def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
+
+
+# --- The model ---------------------------------------------------------------------------
+
+
+class TemporalHead(nn.Module):
+    """Frame tokens (B, N, D) -> scalar per video: a [CLS] token through a small
+    pre-norm transformer, plus a linear path from the mean of the frame features."""
+
+    def __init__(self, num_features: int, width: int = 32, layers: int = 2, heads: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Linear(num_features, width)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
+        self.linear = nn.Linear(num_features, 1)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], 1, -1), self.embed(x)], 1)
+        pad = torch.cat([torch.zeros_like(valid[:, :1]), ~valid], 1)
+        h = self.encoder(h, src_key_padding_mask=pad)
+        mean = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+        return self.out(h[:, 0]).squeeze(-1) + self.linear(mean).squeeze(-1)
+
+
+def rao_kupper_nll(d: torch.Tensor, target: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Per-pair negative log-likelihood of Bradley-Terry with ties (Rao-Kupper).
+
+    d = s_a - s_b; target 1 (a better), 0 (b better), 0.5 (tie); tau > 0 the tie margin.
+    """
+    log_a = F.logsigmoid(d - tau)
+    log_b = F.logsigmoid(-d - tau)
+    log_tie = F.logsigmoid(tau - d) + F.logsigmoid(tau + d) + torch.log(-torch.expm1(-2 * tau))
+    return -torch.where(target == 1, log_a, torch.where(target == 0, log_b, log_tie))
+
+
+def outcome_probs(d: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """(..., 3) probabilities of a better, b better, tie."""
+    pa, pb = torch.sigmoid(d - tau), torch.sigmoid(-d - tau)
+    return torch.stack([pa, pb, (1 - pa - pb).clamp_min(0)], -1)
+
+
+class IdentityRewardModel(nn.Module):
+    """Frame features -> identity-consistency score, with its tie margin and the
+    statistics it was trained with. Save/load as a folder: reward_model.json + model.safetensors."""
+
+    backbone = "faces"
+
+    def __init__(self, num_frames: int = 8, recognizer: str = "dlib", width: int = 32, layers: int = 2,
+                 heads: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.settings = {"num_frames": num_frames, "recognizer": recognizer, "width": width, "layers": layers, "heads": heads, "dropout": dropout}
+        self.head = TemporalHead(len(FEATURES), width, layers, heads, dropout)
+        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
+        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+        self.tie_raw = nn.Parameter(torch.tensor(0.5))  # tau = softplus(tie_raw)
+        self.normalization = Normalization()
+        self.metrics: dict = {}
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.settings["num_frames"])
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return F.softplus(self.tie_raw) + 1e-4
+
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardize with the mean/std of (V, N, D) training features, ignoring NaN."""
+        flat = features.reshape(-1, features.shape[-1])
+        ok = ~torch.isnan(flat)
+        count = ok.sum(0).clamp_min(1)
+        mean = torch.where(ok, flat, 0).sum(0) / count
+        var = torch.where(ok, (flat - mean) ** 2, 0).sum(0) / count
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(var.sqrt().clamp_min(1e-3))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) raw frame features (NaN = undefined) -> (B,) scores."""
+        x = (features - self.feature_mean) / self.feature_std
+        x = torch.nan_to_num(x, nan=0.0)  # undefined = average; has_face/coverage say why
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return self.head(x, valid)
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        meta = {"format": FORMAT, "backbone": self.backbone, "features": list(FEATURES), **self.settings,
+                "normalization": [self.normalization.mean, self.normalization.std], "tau": float(self.tau.detach()), "metrics": self.metrics}
+        (directory / "reward_model.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> IdentityRewardModel:
+        from safetensors.torch import load_file
+
+        meta = read_meta(directory)
+        if meta.get("features") != list(FEATURES):
+            raise IproError(f"{directory}: made with other identity features ({len(meta.get('features', []))}); retrain it with `ipro reward-model train`")
+        keys = ("num_frames", "recognizer", "width", "layers", "heads", "dropout")
+        model = cls(**{k: meta[k] for k in keys})
+        model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+        model.normalization = Normalization(*meta["normalization"])
+        model.metrics = meta.get("metrics", {})
+        return model.eval()
+
+
+def read_meta(directory: str | Path) -> dict:
+    directory = Path(directory)
+    file = directory / "reward_model.json"
+    if not file.is_file():
+        raise IproError(f"{directory}: not a reward model (no reward_model.json); train one with `ipro reward-model train`")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise IproError(f"{file}: not valid JSON ({e.msg}); retrain the reward model") from None
+    if meta.get("format") != FORMAT:
+        raise IproError(f"{file}: not an ipro identity reward model (format {meta.get('format')!r})")
+    return meta
+
+
+def load_reward_model(directory: str | Path, device="cpu"):
+    """An `IdentityRewardModel` or `VlmRewardModel`, whichever the folder holds."""
+    meta = read_meta(directory)
+    if meta["backbone"] == "vlm":
+        return VlmRewardModel.load(directory, device=device)
+    return IdentityRewardModel.load(directory).to(device)
+
+
+# --- Training ---------------------------------------------------------------------------
+
+
+@dataclass
+class RewardModelTrainConfig:
+    num_frames: int = 8  # frames sampled per video
+    width: int = 32
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.1
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    seed: int = 0
+
+
+def pair_tensors(pairs, extractor: FaceFeatureExtractor, progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Features of every distinct video once: (V, N, D), index of a and b per pair, targets, videos."""
+    videos: dict[tuple, int] = {}
+    feats = []
+    ia, ib = [], []
+    for k, p in enumerate(pairs):
+        refs = [str(r) for r in p.references]
+        for v, dest in ((p.video_a, ia), (p.video_b, ib)):
+            key = (str(v), tuple(refs))
+            if key not in videos:
+                videos[key] = len(feats)
+                feats.append(extractor.file_features(v, refs))
+            dest.append(videos[key])
+        if progress:
+            progress(k + 1, len(pairs))
+    target = torch.tensor([p.target for p in pairs])
+    return torch.stack(feats), torch.tensor(ia), torch.tensor(ib), target, list(videos)
+
+
+def train_reward_model(train_pairs, eval_pairs=None, config: RewardModelTrainConfig | None = None,
+                       extractor: FaceFeatureExtractor | None = None, progress=None) -> IdentityRewardModel:
+    """Fit the temporal head on pairs (features are extracted once, then cached)."""
+    c = config or RewardModelTrainConfig()
+    extractor = extractor or FaceFeatureExtractor(num_frames=c.num_frames)
+    if extractor.num_frames != c.num_frames:
+        raise IproError(f"the feature extractor samples {extractor.num_frames} frames, the config {c.num_frames}")
+    torch.manual_seed(c.seed)
+    feats, ia, ib, target, _ = pair_tensors(train_pairs, extractor, progress)
+    weight = torch.tensor([p.weight for p in train_pairs])
+    model = IdentityRewardModel(c.num_frames, extractor.recognizer, c.width, c.layers, c.heads, c.dropout)
+    model.set_feature_stats(feats)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    gen = torch.Generator().manual_seed(c.seed)
+    n = len(train_pairs)
+    model.train()
+    for _ in range(c.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, c.batch_size):
+            idx = order[start : start + c.batch_size]
+            # Score the distinct videos of the batch once each.
+            both = torch.cat([ia[idx], ib[idx]])
+            scores = model(feats[both])
+            d = scores[: len(idx)] - scores[len(idx) :]
+            loss = (rao_kupper_nll(d, target[idx], model.tau) * weight[idx]).sum() / weight[idx].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        s = model(feats)
+        model.normalization = Normalization(float(s.mean()), float(s.std().clamp_min(1e-3)) if len(s) > 1 else 1.0)
+        model.metrics = {"train": accuracy_from_scores(s[ia] - s[ib], target, model.tau, [p.kind for p in train_pairs]),
+                         "train_loss": float(rao_kupper_nll(s[ia] - s[ib], target, model.tau).mean())}
+    if eval_pairs:
+        model.metrics["eval"] = evaluate_reward_model(model, eval_pairs, extractor)
+    return model
+
+
+def accuracy_from_scores(d: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, kinds: list[str]) -> dict:
+    """accuracy: decisive pairs whose better side scores higher; tie_accuracy: ties
+    whose most likely outcome is a tie; per kind as well."""
+    decisive = target != 0.5
+    right = torch.where(target == 1, d > 0, d < 0)
+    predicted = outcome_probs(d, tau).argmax(-1)
+    tie_right = predicted == 2
+    out: dict = {"pairs": len(target), "decisive": int(decisive.sum())}
+    out["accuracy"] = float(right[decisive].float().mean()) if decisive.any() else float("nan")
+    out["tie_accuracy"] = float(tie_right[~decisive].float().mean()) if (~decisive).any() else float("nan")
+    by_kind = {}
+    for kind in sorted(set(kinds)):
+        m = torch.tensor([k == kind for k in kinds])
+        by_kind[kind] = float(right[m & decisive].float().mean() if (m & decisive).any() else tie_right[m].float().mean())
+    out["by_kind"] = by_kind
+    return out
+
+
+@torch.no_grad()
+def evaluate_reward_model(model: IdentityRewardModel, pairs, extractor: FaceFeatureExtractor | None = None) -> dict:
+    extractor = extractor or FaceFeatureExtractor(num_frames=model.num_frames)
+    feats, ia, ib, target, _ = pair_tensors(pairs, extractor)
+    model.eval()
+    s = model(feats)
+    return accuracy_from_scores(s[ia] - s[ib], target, model.tau, [p.kind for p in pairs])
+
+
+@torch.no_grad()
+def score_files(model, videos: list, references: list, cache_dir: str | Path | None = None) -> list[float]:
+    """Raw scores of video files against reference images, for either backbone."""
+    if getattr(model, "backbone", "faces") == "vlm":
+        from ipro.data.video import read_image, read_media
+
+        refs = [_to_tensor(read_image(r)) for r in references]
+        return [float(model([refs], _to_tensor(read_media(v)[0])[None].to(model.value_head.weight.device))) for v in videos]
+    extractor = FaceFeatureExtractor(num_frames=model.num_frames, cache_dir=cache_dir)
+    feats = torch.stack([extractor.file_features(v, references) for v in videos])
+    return model(feats).tolist()
+
+
+@torch.no_grad()
+def evaluate_files(model, pairs, cache_dir: str | Path | None = None) -> dict:
+    """Pair accuracy of either backbone (see `accuracy_from_scores`)."""
+    if getattr(model, "backbone", "faces") != "vlm":
+        extractor = FaceFeatureExtractor(num_frames=model.num_frames, cache_dir=cache_dir)
+        return evaluate_reward_model(model, pairs, extractor)
+    d = torch.tensor([a - b for a, b in (score_files(model, [p.video_a, p.video_b], p.references) for p in pairs)])
+    target = torch.tensor([p.target for p in pairs])
+    return accuracy_from_scores(d, target, model.tau.detach().cpu(), [p.kind for p in pairs])
+
+
+# --- As a reward -------------------------------------------------------------------------
+
+
+class LearnedIdentityReward(Reward):
+    """A trained `IdentityRewardModel` as a `Reward` (scores carry no gradient).
+
+    References, in order of preference: `batch.extra["references"]` (per video a
+    (K, 3, H, W) tensor of reference images), `batch.reference_frames` (the input image),
+    the pool's people (`batch.pools`); with none, the video's own first faces.
+    `per_frame` holds each scored frame's face cosine to its person (NaN: no face).
+    """
+
+    name = "identity_rm"
+
+    def __init__(self, model: IdentityRewardModel, extractor: FaceFeatureExtractor | None = None, name: str | None = None) -> None:
+        super().__init__()
+        if getattr(model, "backbone", "faces") != "faces":
+            raise IproError("LearnedIdentityReward takes a face-feature reward model; a VLM model scores with VlmRewardModel.score")
+        self.model = model.eval().requires_grad_(False)
+        self.extractor = extractor or FaceFeatureExtractor(num_frames=model.num_frames)
+        if self.extractor.recognizer != model.settings["recognizer"]:
+            raise IproError(f"the reward model was trained on '{model.settings['recognizer']}' embeddings, the embedder gives '{self.extractor.recognizer}'")
+        self.normalization = model.normalization
+        if name:
+            self.name = name
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, embedder=None, device="cpu") -> LearnedIdentityReward:
+        """Load a trained model; `embedder` must use the recognizer it was trained on
+        (built here for dlib; an ArcFace model needs FaceEmbedder('arcface:PATH'))."""
+        from ipro.faces.embedder import FaceEmbedder
+
+        model = IdentityRewardModel.load(directory).to(device)
+        if embedder is None:
+            name = model.settings["recognizer"]
+            if not name.startswith("dlib"):
+                raise IproError(f"{directory}: trained on '{name}' embeddings; pass embedder=FaceEmbedder('arcface:/path/backbone.pth')")
+            embedder = FaceEmbedder("dlib").to(device)
+        return cls(model, FaceFeatureExtractor(embedder, num_frames=model.num_frames))
+
+    def train(self, mode: bool = True) -> LearnedIdentityReward:
+        super().train(mode)
+        self.model.eval()  # always inference: no dropout in a reward
+        self.extractor.embedder.eval()
+        return self
+
+    @torch.no_grad()
+    def _people(self, batch: RewardBatch, b: int) -> list[torch.Tensor]:
+        refs = batch.extra.get("references")
+        if refs is not None:
+            return [self.extractor.people(r) for r in refs]
+        if batch.reference_frames is not None:
+            people, seen = [], {}
+            for i in range(b):  # a GRPO group repeats each input image: detect it once
+                img = batch.reference_frames[i]
+                key = next((k for k, v in seen.items() if v.shape == img.shape and torch.equal(v, img)), None)
+                if key is None:
+                    key = len(seen)
+                    seen[key] = img
+                    people.append(self.extractor.people(img[None]))
+                else:
+                    people.append(people[key])
+            return people
+        dim = self.extractor.embedder.embedding_dim
+        out = []
+        for pool in batch.pools or [None] * b:
+            if pool is None or pool.embeddings.shape[0] == 0:
+                out.append(torch.zeros(0, dim))
+            else:
+                sums = torch.zeros(pool.num_people, dim).index_add_(0, pool.identity.long().cpu(), pool.embeddings.float().cpu())
+                out.append(F.normalize(sums, dim=-1))
+        return out
+
+    def forward(self, frames: torch.Tensor, batch: RewardBatch | Mapping[str, Any] | None = None) -> RewardOutput:
+        b = frames.shape[0]
+        batch = RewardBatch.coerce(batch, b)
+        anchor = frames.flatten()[:1].sum() * 0.0
+        with torch.no_grad():
+            faces = self.extractor.video_faces(frames)
+            people = self._people(batch, b)
+            feats = torch.stack([frame_features(f, p) for f, p in zip(faces, people)])
+            raw = self.model(feats.to(self.model.feature_mean.device)).float().to(frames.device)
+        own = feats[..., FEATURES.index("own_cos")].to(frames.device)
+        steps = sample_frames(frames.shape[1], self.model.num_frames).to(frames.device)
+        return finish(self.name, self.normalization, list(raw), own, steps, anchor, 0.0)
+
+
+# --- VLM backbone (Identity-GRPO's choice) -----------------------------------------------
+
+VLM_PROMPT = (
+    "The first images show the reference people; the next images are frames of a generated video. "
+    "Do the people in the video stay the same persons as in the references throughout? Answer with a score."
+)
+
+
+class VlmRewardModel(nn.Module):
+    """A vision-language model (e.g. Qwen2.5-VL) with LoRA and a scalar value head on
+    the last token's hidden state: reference image(s) then N frames as images, then a
+    question. Loaded from a local transformers folder; trains with `rao_kupper_nll`.
+    """
+
+    backbone = "vlm"
+
+    def __init__(self, path: str | Path, num_frames: int = 8, lora_rank: int = 16, image_size: int = 224,
+                 device="cpu", dtype: torch.dtype = torch.float32, adapter: str | Path | None = None) -> None:
+        super().__init__()
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise IproError(
+                f"{path}: no VLM checkpoint there (config.json missing); pass a local transformers folder "
+                "of a vision-language model, e.g. a download of Qwen/Qwen2.5-VL-3B-Instruct"
+            )
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from ipro.models.base import quiet_loading
+
+        with quiet_loading():
+            self.processor = AutoProcessor.from_pretrained(str(path))
+            base = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        if adapter is not None:
+            self.vlm = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        elif lora_rank > 0:
+            self.vlm = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets, lora_dropout=0.0))
+        else:
+            self.vlm = base
+        hidden = _text_hidden_size(base.config)
+        self.value_head = nn.Linear(hidden, 1)
+        self.tie_raw = nn.Parameter(torch.tensor(0.5))
+        self.settings = {"path": str(path), "num_frames": num_frames, "lora_rank": lora_rank, "image_size": image_size}
+        self.normalization = Normalization()
+        self.metrics: dict = {}
+        self.to(device)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.settings["num_frames"])
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return F.softplus(self.tie_raw) + 1e-4
+
+    def _images(self, images) -> list:
+        """(K, 3, H, W) or a list of (3, H, W) in [0, 1] -> K square PIL images."""
+        from PIL import Image
+
+        size = int(self.settings["image_size"])
+        out = []
+        for x in images:
+            x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            out.append(Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()))
+        return out
+
+    def forward(self, references: list[torch.Tensor], videos: torch.Tensor) -> torch.Tensor:
+        """references: per video (K, 3, H, W) or a list of (3, H, W); videos (B, F, 3, H, W) in [0, 1] -> (B,) scores."""
+        steps = sample_frames(videos.shape[1], self.num_frames)
+        texts, images = [], []
+        for refs, video in zip(references, videos):
+            imgs = self._images(refs) + self._images(video[steps])
+            content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": VLM_PROMPT}]
+            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True))
+            images.append(imgs)
+        self.processor.tokenizer.padding_side = "left"  # the last position is every sequence's last token
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.value_head.weight.device)
+        out = self.vlm(**inputs, output_hidden_states=True)
+        last = out.hidden_states[-1][:, -1]
+        return self.value_head(last.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.vlm, "save_pretrained") and self.settings["lora_rank"] > 0:
+            self.vlm.save_pretrained(str(directory / "adapter"))
+        save_file({"value_head.weight": self.value_head.weight.detach().cpu().contiguous(),
+                   "value_head.bias": self.value_head.bias.detach().cpu().contiguous(),
+                   "tie_raw": self.tie_raw.detach().cpu().reshape(1)}, str(directory / "head.safetensors"))
+        meta = {"format": FORMAT, "backbone": self.backbone, **self.settings,
+                "normalization": [self.normalization.mean, self.normalization.std], "metrics": self.metrics}
+        (directory / "reward_model.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> VlmRewardModel:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_meta(directory)
+        adapter = directory / "adapter" if (directory / "adapter").is_dir() else None
+        model = cls(meta["path"], meta["num_frames"], meta["lora_rank"], meta["image_size"], device, dtype, adapter)
+        head = load_file(str(directory / "head.safetensors"))
+        with torch.no_grad():
+            model.value_head.weight.copy_(head["value_head.weight"])
+            model.value_head.bias.copy_(head["value_head.bias"])
+            model.tie_raw.copy_(head["tie_raw"][0])
+        model.normalization = Normalization(*meta["normalization"])
+        model.metrics = meta.get("metrics", {})
+        return model.eval()
+
+
+class VlmIdentityReward(Reward):
+    """A trained `VlmRewardModel` as a `Reward` (no gradient): references are the input
+    images (`batch.reference_frames`) or `batch.extra["references"]` (per video a list)."""
+
+    name = "identity_vlm"
+
+    def __init__(self, model: VlmRewardModel) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.normalization = model.normalization
+
+    def forward(self, frames: torch.Tensor, batch: RewardBatch | Mapping[str, Any] | None = None) -> RewardOutput:
+        b = frames.shape[0]
+        batch = RewardBatch.coerce(batch, b)
+        refs = batch.extra.get("references")
+        if refs is None:
+            if batch.reference_frames is None:
+                raise IproError("VlmIdentityReward needs batch.reference_frames or batch.extra['references']")
+            refs = [batch.reference_frames[i : i + 1] for i in range(b)]
+        with torch.no_grad():
+            raw = torch.stack([self.model([r], frames[i : i + 1]) for i, r in enumerate(refs)]).flatten().float().to(frames.device)
+        steps = sample_frames(frames.shape[1], self.model.num_frames).to(frames.device)
+        per_frame = torch.full((b, len(steps)), float("nan"), device=frames.device)
+        anchor = frames.flatten()[:1].sum() * 0.0
+        return finish(self.name, self.normalization, list(raw), per_frame, steps, anchor, 0.0)
+
+
+def _text_hidden_size(config) -> int:
+    for cfg in (getattr(config, "text_config", None), config):
+        if cfg is not None and getattr(cfg, "hidden_size", None):
+            return int(cfg.hidden_size)
+    raise IproError("cannot find the VLM's hidden size in its config (text_config.hidden_size)")
+
+
+def train_vlm_reward_model(model: VlmRewardModel, train_pairs, epochs: int = 1, lr: float = 1e-5, seed: int = 0, progress=None) -> VlmRewardModel:
+    """One pair per step through the VLM (GPU territory): Rao-Kupper on the two scores."""
+    from ipro.data.video import read_image, read_media
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    device = model.value_head.weight.device
+    step, total = 0, epochs * len(train_pairs)
+    for _ in range(epochs):
+        for k in torch.randperm(len(train_pairs), generator=gen).tolist():
+            p = train_pairs[k]
+            refs = [_to_tensor(read_image(r)) for r in p.references]
+            va, vb = (_to_tensor(read_media(v)[0]) for v in (p.video_a, p.video_b))
+            steps_a = sample_frames(va.shape[0], model.num_frames)
+            steps_b = sample_frames(vb.shape[0], model.num_frames)
+            # Two calls: the videos may differ in size or length.
+            s_a = model([refs], va[steps_a][None].to(device))
+            s_b = model([refs], vb[steps_b][None].to(device))
+            loss = rao_kupper_nll(s_a - s_b, torch.tensor([p.target], device=device), model.tau).mean() * p.weight
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if progress:
+                progress(step, total)
+    return model.eval()
+
+
+__all__ = [
+    "FEATURES",
+    "FaceFeatureExtractor",
+    "IdentityRewardModel",
+    "LearnedIdentityReward",
+    "RewardModelTrainConfig",
+    "TemporalHead",
+    "VlmIdentityReward",
+    "VlmRewardModel",
+    "evaluate_files",
+    "evaluate_reward_model",
+    "frame_features",
+    "load_reward_model",
+    "rao_kupper_nll",
+    "score_files",
+    "train_reward_model",
+    "train_vlm_reward_model",
+]

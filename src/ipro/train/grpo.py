@@ -1,0 +1,284 @@
+"""Identity-GRPO: group relative policy optimization with Flow-GRPO's SDE sampler.
+
+One optimizer step (per inner epoch), for each of `grad_accum` inputs (first frame +
+caption):
+
+1. Roll out a group of G videos with the SDE sampler, without gradient, keeping every
+   transition x_t -> x_next and its log-probability under the rollout weights.
+2. Decode and score them: the face-pool reward, the learned identity reward model
+   (`grpo.reward_model`), or a weighted mix of their normalized scores. No gradient
+   goes through the reward, so any reward works.
+3. Advantages are normalized within each group: A = (r - mean_group) / (std_group + eps)
+   over the samples the reward could score (a sample it skipped, e.g. no face, gets 0;
+   so does a group whose rewards are all equal), clipped to +-ADV_CLIP.
+4. For each SDE step, recompute log p(x_next | x_t) under the current weights:
+       ratio = exp(logp_theta - logp_rollout)
+       policy = mean over samples of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
+       kl     = mean over samples of ||mu_theta - mu_ref||^2 / (2 std^2)
+   (mu: the SDE step's mean, std: its standard deviation; the reference is the model
+   with its LoRA switched off). loss = policy + grpo.kl_weight * kl, averaged over steps
+   and inputs. One backward per SDE step (only one transformer graph is alive at a
+   time), one optimizer step per pass; `grpo.inner_epochs` passes reuse the rollouts,
+   the later ones off-policy, which is what the clip is for.
+
+Everything else (adapters, data order, checkpoints, logging, accelerate) is `Trainer`'s.
+Groups are never split across processes, so advantages need no communication.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ipro.errors import IproError
+from ipro.models.base import Condition
+from ipro.sampling.sde import SdeRollout, gaussian_log_prob, sde_mean_std, sde_sample
+from ipro.train.trainer import NonFiniteLossError, Trainer, step_generator
+
+ADV_EPS = 1e-4  # Flow-GRPO's epsilon in (r - mean) / (std + eps)
+ADV_CLIP = 5.0  # Flow-GRPO's adv_clip_max
+
+
+def group_advantages(scores: torch.Tensor, valid: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """(B*G,) rewards, consecutive groups of G -> advantages normalized within each group.
+
+    Only valid samples enter the mean and (population) std; invalid samples and groups
+    with fewer than two valid samples get advantage 0 (no signal, no update).
+    """
+    s = scores.detach().float().view(-1, group_size)
+    v = valid.view(-1, group_size)
+    n = v.sum(1, keepdim=True)
+    mean = torch.where(v, s, 0.0).sum(1, keepdim=True) / n.clamp_min(1)
+    std = (torch.where(v, (s - mean) ** 2, 0.0).sum(1, keepdim=True) / n.clamp_min(1)).sqrt()
+    adv = torch.where(v & (n >= 2), (s - mean) / (std + eps), 0.0)
+    return adv.clamp(-ADV_CLIP, ADV_CLIP).flatten()
+
+
+def clipped_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float):
+    """PPO's clipped surrogate, mean over samples; also returns the ratio."""
+    ratio = torch.exp(logp - logp_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over all but the batch dim, over mask == 1 when given: (B,)."""
+    if mask is None:
+        return x.flatten(1).mean(1)
+    mask = mask.expand_as(x)
+    return torch.where(mask > 0, x, 0.0).flatten(1).sum(1) / mask.flatten(1).sum(1)
+
+
+def transition_stats(model, cond: Condition, x_t, x_next, sigma, sigma_next, t, eta, sigma_max, guidance_scale):
+    """log p(x_next | x_t) (B,), the step's mean and std under the current weights.
+
+    The same arithmetic as `sde_sample` (and `sde_step_logprob`), so on unchanged
+    weights the log-prob is bit-for-bit the rollout's.
+    """
+    v = model.velocity(model.impose_first_frame(x_t, cond), t, cond, guidance_scale)
+    mean, std = sde_mean_std(x_t, v, sigma, sigma_next, eta, sigma_max)
+    return gaussian_log_prob(x_next.detach(), mean, std, model.generated_mask(cond)), mean, std
+
+
+@dataclass
+class GroupRollout:
+    """G videos per input: the SDE trajectories, their rewards and advantages."""
+
+    cond: Condition  # (B*G) conditions, each input's repeated G times in a row
+    sde: SdeRollout
+    scores: torch.Tensor  # (B*G,) normalized reward
+    valid: torch.Tensor  # (B*G,) the reward could score the sample
+    advantages: torch.Tensor  # (B*G,)
+    logs: dict = field(default_factory=dict)
+
+
+class GRPOTrainer(Trainer):
+    """`ipro train --method grpo`. Overrides `step()` (rollout, then update passes);
+    `rollout()` and `policy_loss()` are the two halves, usable on their own."""
+
+    method = "grpo"
+
+    def build_reward(self):
+        from ipro.faces.embedder import FaceEmbedder
+        from ipro.rewards import FaceIdentityReward, WeightedReward
+        from ipro.rewards.learned import (
+            LearnedIdentityReward,
+            VlmIdentityReward,
+            VlmRewardModel,
+            read_meta,
+        )
+        from ipro.train.ipro import build_face_reward
+
+        g = self.config.grpo
+        dev = self.accelerator.device
+        if g.reward_model is None:
+            if g.face_reward_weight == 0:
+                raise IproError("grpo.face_reward_weight is 0 and grpo.reward_model is not set: there is no reward to optimize")
+            return build_face_reward(self.config.reward, dev)
+        meta = read_meta(g.reward_model)
+        face = build_face_reward(self.config.reward, dev) if g.face_reward_weight > 0 else None
+        if meta["backbone"] == "vlm":
+            learned = VlmIdentityReward(VlmRewardModel.load(g.reward_model, device=dev))
+        else:
+            # One face detector/recognizer in memory when both rewards use the same one; the
+            # reward section's recognizer is also how an ArcFace-trained model finds its weights.
+            embedder = face.embedder if isinstance(face, FaceIdentityReward) else FaceEmbedder(self.config.reward.recognizer).to(dev)
+            shared = embedder if embedder.recognizer.name == meta["recognizer"] else None
+            learned = LearnedIdentityReward.from_pretrained(g.reward_model, embedder=shared, device=dev)
+        if face is None:
+            return learned
+        return WeightedReward([(g.face_reward_weight, face), (g.reward_model_weight, learned)])
+
+    # --- 1-3: rollout, reward, advantages ---------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, batch: dict, generator: torch.Generator) -> GroupRollout:
+        from ipro.rewards import RewardBatch
+
+        c = self.config
+        d, g = c.data, c.grpo
+        G = g.group_size
+        images = batch["image"].to(self.accelerator.device)
+        prompts = [cap or d.default_prompt for cap in batch["caption"]]
+        cond = self.model.prepare_condition(images, prompts, d.num_frames, d.height, d.width).repeat_interleave(G)
+        t0 = time.perf_counter()
+        sde = sde_sample(self.model, cond, c.sampler.num_steps, eta=g.eta, generator=generator,
+                         guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift)
+        t1 = time.perf_counter()
+        frames = self.model.decode(sde.latents)
+        pools = [p for p in batch["pool"] for _ in range(G)]
+        out = self.reward(frames.float(), RewardBatch(pools=pools, reference_frames=images.repeat_interleave(G, 0)))
+        t2 = time.perf_counter()
+        scores, valid = out.score.detach().float(), out.valid
+        adv = group_advantages(scores, valid, G)
+        grouped = scores.view(-1, G)
+        raw = out.raw[torch.isfinite(out.raw)]
+        logs = {
+            "reward": float(scores[valid].mean()) if valid.any() else float("nan"),
+            "reward_raw": float(raw.mean()) if raw.numel() else float("nan"),
+            "reward_group_std": float(grouped.std(1, unbiased=False).mean()),
+            "zero_advantage_groups": float((adv.view(-1, G) == 0).all(1).float().mean()),
+            "valid_fraction": float(valid.float().mean()),
+            "sample_time_s": t1 - t0,
+            "reward_time_s": t2 - t1,
+            **{f"reward/{k}": v for k, v in out.logs.items()},
+        }
+        return GroupRollout(cond, sde, scores, valid, adv, logs)
+
+    # --- 4: the update ----------------------------------------------------------------
+
+    def policy_loss(self, group: GroupRollout, i: int) -> tuple[torch.Tensor, dict]:
+        """Clipped policy loss + beta * KL on SDE step i of a group rollout."""
+        g = self.config.grpo
+        tr = group.sde.transition(i)
+        logp, mean, std = transition_stats(self.model, group.cond, **tr)
+        old = group.sde.log_probs[:, i].to(logp)
+        policy, ratio = clipped_policy_loss(logp, old, group.advantages.to(logp), g.clip_range)
+        kl = torch.zeros((), device=logp.device)
+        if g.kl_weight > 0:
+            with torch.no_grad(), self.model.reference_weights():
+                v_ref = self.model.velocity(self.model.impose_first_frame(tr["x_t"], group.cond), tr["t"], group.cond, tr["guidance_scale"])
+                mean_ref, _ = sde_mean_std(tr["x_t"], v_ref, tr["sigma"], tr["sigma_next"], tr["eta"], tr["sigma_max"])
+            kl = (_masked_mean((mean - mean_ref) ** 2, self.model.generated_mask(group.cond)) / (2 * std.flatten() ** 2)).mean()
+        loss = policy + g.kl_weight * kl
+        dev = (ratio.detach() - 1).abs()
+        logs = {
+            "loss": loss.detach(),
+            "policy_loss": policy.detach(),
+            "kl": kl.detach(),
+            "ratio": ratio.detach().mean(),
+            "ratio_max_dev": dev.max(),
+            "clip_fraction": (dev > g.clip_range).float().mean(),
+            "approx_kl": 0.5 * ((logp.detach() - old) ** 2).mean(),
+        }
+        return loss, logs
+
+    def compute_loss(self, batch: dict, generator: torch.Generator):
+        """The whole GRPO objective of one input on-policy, as one graph (small models,
+        notebooks); training goes through `step()`, which backpropagates per SDE step."""
+        group = self.rollout(batch, generator)
+        losses, logs = [], {}
+        for i in group.sde.sde_steps:
+            loss, step_logs = self.policy_loss(group, i)
+            losses.append(loss)
+            for k, v in step_logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(group.sde.sde_steps)
+        return torch.stack(losses).mean(), {**group.logs, **logs}
+
+    def step(self) -> dict:
+        c = self.config
+        acc = self.accelerator
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.model.trainable_module.train()
+        groups = []
+        with acc.autocast():
+            for micro in range(c.optim.grad_accum):
+                batch = self.batch_at(self.global_step, micro)
+                groups.append(self.rollout(batch, step_generator(c.run.seed, self.global_step, self.rank, micro)))
+        rollout_time = time.perf_counter() - t0
+        logs: dict[str, float] = {}
+        for grp in groups:
+            for k, v in grp.logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(groups)
+        steps = groups[0].sde.sde_steps
+        terms = len(groups) * len(steps)
+        t1 = time.perf_counter()
+        for epoch in range(c.grpo.inner_epochs):
+            finite = True
+            sums: dict[str, float] = {}
+            for m, grp in enumerate(groups):
+                for j, i in enumerate(steps):
+                    last = m == len(groups) - 1 and j == len(steps) - 1
+                    with acc.autocast(), self.model.no_sync(not last):
+                        loss, step_logs = self.policy_loss(grp, i)
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    # A step no trainable weight acts on (A14B's frozen high-noise expert) has no graph.
+                    if finite and loss.requires_grad:
+                        acc.backward(loss / terms)
+                    for k, v in step_logs.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / terms
+            # The first pass is on-policy (ratio 1); later passes show how far the policy moved.
+            logs.update(sums if epoch == 0 else {f"{k}_last_epoch": v for k, v in sums.items() if k in ("ratio", "clip_fraction", "approx_kl")})
+            self._update(finite, logs)
+        self.global_step += 1
+        self.samples_seen += c.data.batch_size * c.optim.grad_accum * self.world
+        videos = c.data.batch_size * c.grpo.group_size * len(groups)
+        logs.update({
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "rollout_time_s": rollout_time,
+            "update_time_s": time.perf_counter() - t1,
+            "videos_per_s": videos / max(rollout_time, 1e-9),
+            "step_time_s": time.perf_counter() - t0,
+        })
+        if torch.cuda.is_available():
+            logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return logs
+
+    def _update(self, finite: bool, logs: dict) -> None:
+        """Clip, step and zero the gradients, or skip a non-finite pass (as `Trainer.step`)."""
+        c = self.config
+        acc = self.accelerator
+        if self.world > 1:  # every rank must agree to skip, or DDP ranks would diverge
+            finite = bool(acc.reduce(torch.tensor(float(finite), device=acc.device), "min") > 0)
+        if finite:
+            grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), c.optim.max_grad_norm or float("inf"))
+            logs["grad_norm"] = float(grad_norm)
+            self._set_lr()
+            self.optimizer.step()
+            self._update_ema()
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logs["nonfinite_skipped"] = float(self.nonfinite_total)
+        if self.nonfinite_streak >= c.run.max_nonfinite:
+            raise NonFiniteLossError(
+                f"GRPO loss was NaN/inf in {self.nonfinite_streak} passes in a row (step {self.global_step}); "
+                "lower optim.lr or grpo.clip_range, enable optim.max_grad_norm, or check the reward"
+            )
