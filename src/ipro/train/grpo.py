@@ -35,7 +35,7 @@ import torch
 from ipro.errors import IproError
 from ipro.models.base import Condition
 from ipro.sampling.sde import SdeRollout, gaussian_log_prob, sde_mean_std, sde_sample
-from ipro.train.trainer import NonFiniteLossError, Trainer, step_generator
+from ipro.train.trainer import Trainer, step_generator
 
 ADV_EPS = 1e-4  # Flow-GRPO's epsilon in (r - mean) / (std + eps)
 ADV_CLIP = 5.0  # Flow-GRPO's adv_clip_max
@@ -100,6 +100,8 @@ class GRPOTrainer(Trainer):
     `rollout()` and `policy_loss()` are the two halves, usable on their own."""
 
     method = "grpo"
+    nonfinite_what = "GRPO loss was NaN/inf in {n} passes in a row"
+    nonfinite_advice = "lower optim.lr or grpo.clip_range, enable optim.max_grad_norm, or check the reward"
 
     def build_reward(self):
         from ipro.faces.embedder import FaceEmbedder
@@ -244,7 +246,7 @@ class GRPOTrainer(Trainer):
                         sums[k] = sums.get(k, 0.0) + float(v) / terms
             # The first pass is on-policy (ratio 1); later passes show how far the policy moved.
             logs.update(sums if epoch == 0 else {f"{k}_last_epoch": v for k, v in sums.items() if k in ("ratio", "clip_fraction", "approx_kl")})
-            self._update(finite, logs)
+            self.apply_update(finite, logs)
         self.global_step += 1
         self.samples_seen += c.data.batch_size * c.optim.grad_accum * self.world
         videos = c.data.batch_size * c.grpo.group_size * len(groups)
@@ -258,27 +260,3 @@ class GRPOTrainer(Trainer):
         if torch.cuda.is_available():
             logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return logs
-
-    def _update(self, finite: bool, logs: dict) -> None:
-        """Clip, step and zero the gradients, or skip a non-finite pass (as `Trainer.step`)."""
-        c = self.config
-        acc = self.accelerator
-        if self.world > 1:  # every rank must agree to skip, or DDP ranks would diverge
-            finite = bool(acc.reduce(torch.tensor(float(finite), device=acc.device), "min") > 0)
-        if finite:
-            grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), c.optim.max_grad_norm or float("inf"))
-            logs["grad_norm"] = float(grad_norm)
-            self._set_lr()
-            self.optimizer.step()
-            self._update_ema()
-            self.nonfinite_streak = 0
-        else:
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        logs["nonfinite_skipped"] = float(self.nonfinite_total)
-        if self.nonfinite_streak >= c.run.max_nonfinite:
-            raise NonFiniteLossError(
-                f"GRPO loss was NaN/inf in {self.nonfinite_streak} passes in a row (step {self.global_step}); "
-                "lower optim.lr or grpo.clip_range, enable optim.max_grad_norm, or check the reward"
-            )

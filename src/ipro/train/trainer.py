@@ -154,25 +154,7 @@ class Trainer:
                 acc.backward(loss / c.optim.grad_accum)
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / c.optim.grad_accum
-        # Every rank must agree to skip, or DDP ranks would diverge.
-        finite = bool(acc.reduce(torch.tensor(float(finite), device=acc.device), "min") > 0) if self.world > 1 else finite
-        if finite:
-            grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), c.optim.max_grad_norm or float("inf"))
-            logs["grad_norm"] = float(grad_norm)
-            self._set_lr()
-            self.optimizer.step()
-            self._update_ema()
-            self.nonfinite_streak = 0
-        else:
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        logs["nonfinite_skipped"] = float(self.nonfinite_total)
-        if self.nonfinite_streak >= c.run.max_nonfinite:
-            raise NonFiniteLossError(
-                f"loss was NaN/inf in {self.nonfinite_streak} steps in a row (step {self.global_step}); "
-                "lower optim.lr, enable optim.max_grad_norm, or check the data"
-            )
+        self.apply_update(finite, logs)
         self.global_step += 1
         self.samples_seen += c.data.batch_size * c.optim.grad_accum * self.world
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -184,6 +166,32 @@ class Trainer:
 
             logs["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         return logs
+
+    # What a skipped update is called in the abort message, and what to try.
+    nonfinite_what = "loss was NaN/inf in {n} steps in a row"
+    nonfinite_advice = "lower optim.lr, enable optim.max_grad_norm, or check the data"
+
+    def apply_update(self, finite: bool, logs: dict) -> None:
+        """Clip, step and zero the accumulated gradients, or skip a non-finite update and
+        abort after `run.max_nonfinite` in a row. Adds grad_norm / nonfinite_skipped to logs."""
+        acc = self.accelerator
+        if self.world > 1:  # every rank must agree to skip, or DDP ranks would diverge
+            finite = bool(acc.reduce(torch.tensor(float(finite), device=acc.device), "min") > 0)
+        if finite:
+            grad_norm = acc.clip_grad_norm_(self.model.trainable_parameters(), self.config.optim.max_grad_norm or float("inf"))
+            logs["grad_norm"] = float(grad_norm)
+            self._set_lr()
+            self.optimizer.step()
+            self._update_ema()
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logs["nonfinite_skipped"] = float(self.nonfinite_total)
+        if self.nonfinite_streak >= self.config.run.max_nonfinite:
+            what = self.nonfinite_what.format(n=self.nonfinite_streak)
+            raise NonFiniteLossError(f"{what} (step {self.global_step}); {self.nonfinite_advice}")
 
     def _set_lr(self) -> None:
         c = self.config.optim
