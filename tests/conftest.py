@@ -47,3 +47,28 @@ def tiny(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: build_tiny(family, root / family, seed=0) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def face(astronaut):
+    """The astronaut photo at 64 x 64: uint8 (H, W, 3) and float (1, 3, H, W)."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(astronaut).resize((64, 64), Image.Resampling.LANCZOS))
+    return small, torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """Carphone through `ipro prepare` with the tiny preset: 3 kept 17-frame clips."""
+    import shutil
+
+    from ipro.data.footage import carphone_path
+    from ipro.data.prepare import load_config, prepare
+
+    root = tmp_path_factory.mktemp("curated")
+    (root / "in").mkdir()
+    shutil.copy(carphone_path(), root / "in" / "carphone.mp4")
+    summary = prepare(root / "in", root / "data", load_config("configs/prepare-tiny.yaml"))
+    assert summary["kept"] >= 2
+    return root / "data"

@@ -23,22 +23,6 @@ from ipro.train.trainer import step_generator
 IPRO = str(Path(sys.executable).with_name("ipro"))
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """Carphone through `ipro prepare` with the tiny preset: 3 kept 17-frame clips."""
-    import shutil
-
-    from ipro.data.footage import carphone_path
-    from ipro.data.prepare import load_config, prepare
-
-    root = tmp_path_factory.mktemp("grpo")
-    (root / "in").mkdir()
-    shutil.copy(carphone_path(), root / "in" / "carphone.mp4")
-    summary = prepare(root / "in", root / "data", load_config("configs/prepare-tiny.yaml"))
-    assert summary["kept"] >= 2
-    return root / "data"
-
-
 def config(dataset: Path, out: Path, **overrides):
     from ipro.train.config import load_config
 

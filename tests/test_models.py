@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
@@ -18,13 +17,6 @@ from ipro.sampling import sample
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-@pytest.fixture(scope="module")
-def face(astronaut):
-    """The astronaut photo at 64 x 64: uint8 (H, W, 3) and float (1, 3, H, W)."""
-    small = np.asarray(Image.fromarray(astronaut).resize((W, H), Image.Resampling.LANCZOS))
-    return small, torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 255
 
 
 def randomize_lora(model, seed=1, scale=0.1):

@@ -18,12 +18,6 @@ FRAMES = 9
 PROMPT = "a man talks on the phone"
 
 
-@pytest.fixture(scope="module")
-def face(astronaut):
-    small = np.asarray(Image.fromarray(astronaut).resize((W, H), Image.Resampling.LANCZOS))
-    return small, torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 255
-
-
 def prepared(folder, face, **options):
     model = load_model(folder, **options)
     return model, model.prepare_condition(face[1], [PROMPT], FRAMES, H, W, negative_prompt="blurry")
