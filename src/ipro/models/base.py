@@ -30,7 +30,8 @@ class Condition:
     """Everything a model needs besides x_t and t, for a batch of B videos.
 
     Tensor fields have the batch first. Which optional fields are set depends on the family
-    (Wan 2.1 uses CLIP `image_embeds`; Wan 2.2 TI2V uses `first_frame_mask`).
+    (Wan 2.1 uses CLIP `image_embeds`; Wan 2.2 TI2V uses `first_frame_mask`; VACE uses
+    `control_latents` and `num_reference_frames`).
     """
 
     prompt_embeds: torch.Tensor  # (B, L, D) text encoder output
@@ -41,6 +42,8 @@ class Condition:
     image_latents: torch.Tensor | None = None  # family-specific latent-space image conditioning
     image_embeds: torch.Tensor | None = None  # (B, N, D_img) image encoder tokens
     first_frame_mask: torch.Tensor | None = None  # (1, 1, F, h, w): 0 where the image latent is imposed
+    control_latents: torch.Tensor | None = None  # (B, C_ctrl, R + F, h, w) VACE control video + reference latents
+    num_reference_frames: int | None = None  # R leading latent frames that hold reference images (VACE)
 
     @property
     def batch_size(self) -> int:

@@ -14,7 +14,10 @@ import torch
 
 from ipro.models.base import quiet_loading
 
+# The image-to-video presets (what the shared test fixtures build and run through WanImageToVideoPipeline).
 TINY_FAMILIES = ("wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b")
+# Built on request only: a reference-to-video (VACE) preset, driven by WanVACEPipeline instead.
+TINY_REFERENCE_FAMILIES = ("wan-vace",)
 
 
 def _tokenizer():
@@ -34,11 +37,14 @@ def _text_encoder(vocab_size: int, dim: int):
     return UMT5EncoderModel(config)
 
 
-def _transformer(in_channels: int, out_channels: int, text_dim: int, image_dim: int | None = None):
-    from diffusers import WanTransformer3DModel
+def _transformer(in_channels: int, out_channels: int, text_dim: int, image_dim: int | None = None, vace_layers: list[int] | None = None):
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     heads, head_dim = 2, 12
-    return WanTransformer3DModel(
+    # VACE: a control branch on the given blocks, fed inactive + reactive video latents and the 8x8 mask.
+    vace = dict(vace_layers=vace_layers, vace_in_channels=2 * out_channels + 64) if vace_layers is not None else {}
+    return (WanVACETransformer3DModel if vace else WanTransformer3DModel)(
+        **vace,
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -80,11 +86,11 @@ def _clip():
 
 
 def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build a random tiny model of `family` (see TINY_FAMILIES), save it to out_dir, return out_dir."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    """Build a random tiny model of `family` (TINY_FAMILIES or TINY_REFERENCE_FAMILIES), save it to out_dir, return out_dir."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; use one of {TINY_FAMILIES}")
+    if family not in TINY_FAMILIES + TINY_REFERENCE_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; use one of {TINY_FAMILIES + TINY_REFERENCE_FAMILIES}")
     out_dir = Path(out_dir)
     text_dim = 32
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
@@ -110,7 +116,7 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
                 transformer=_transformer(48, 48, text_dim),
                 expand_timesteps=True,
             )
-        else:
+        elif family == "wan2.2-i2v-a14b":
             pipe = WanImageToVideoPipeline(
                 **parts,
                 vae=_vae(16),
@@ -118,6 +124,13 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
                 transformer=_transformer(36, 16, text_dim),
                 transformer_2=_transformer(36, 16, text_dim),
                 boundary_ratio=0.9,
+            )
+        else:  # Wan 2.1 VACE: a 16-channel T2V transformer plus a control branch on both blocks
+            pipe = WanVACEPipeline(
+                **parts,
+                vae=_vae(16),
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                transformer=_transformer(16, 16, text_dim, vace_layers=[0, 1]),
             )
     with quiet_loading():
         pipe.save_pretrained(out_dir)

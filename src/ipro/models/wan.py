@@ -119,7 +119,7 @@ class WanModel(VideoModel):
         self.vae = pipe.vae
         self.scheduler = pipe.scheduler
         self.boundary_ratio = pipe.config.boundary_ratio
-        self.expand_timesteps = bool(pipe.config.expand_timesteps)
+        self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))  # VACE's pipeline has no such key
         self.uses_clip = self.transformer.config.image_dim is not None
         if self.uses_clip and pipe.image_encoder is None:
             raise IproError("transformer/config.json sets image_dim but the model folder has no image_encoder")

@@ -23,7 +23,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = Field("builtin", description="Local diffusers-format folder of a Wan I2V model, or 'builtin' for the embedded small model.")
-    family: Literal["auto", "wan21-i2v", "wan22-ti2v", "wan22-i2v-a14b"] = Field("auto", description="Model family; 'auto' reads model_index.json.")
+    family: Literal["auto", "wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b", "wan-vace", "pixel-i2v"] = Field(
+        "auto", description="Model family (a registry name); 'auto' reads model_index.json.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype (bfloat16 on GPU).")
     lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 means full fine-tuning of the trainable transformer.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
