@@ -24,7 +24,7 @@ def test_short_demo_writes_the_report(tmp_path):
     assert 0.9 < rows["base"]["face_sim"] < rows["ground truth (ceiling)"]["face_sim"]
     html = (tmp_path / "demo_report.html").read_text()
     assert "gap closed" in html and "curves.png" in html
-    for png in ("curves.png", "carphone_80.png", "astronaut.png"):
+    for png in ("curves.png", "carphone_80_s0.png", "astronaut_s0.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     # A rerun resumes: nothing is trained or generated again.
     again = subprocess.run([exe, "demo", "--out", str(tmp_path), "--steps", "2", "--no-ablations"], capture_output=True, text=True)

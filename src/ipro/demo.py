@@ -33,7 +33,9 @@ CARPHONE_TRAIN_FRAMES = 80  # frames 0..79 train (the base model saw them too), 
 HELDOUT_STARTS = (80, 88, 96, 103)  # carphone clips taken every other frame from here
 FRAME_STEP = 2  # carphone is 30 fps; every other frame is close to the 16 fps Wan uses
 HEIGHT, WIDTH, NUM_FRAMES = 128, 160, 9  # 9 frames: all four held-out starts fit in carphone
-SEEDS = (0, 1)
+# Each held-out input is animated with three noise seeds (15 videos): with one video per
+# input the binary rates (dynamic degree, rigid) moved in steps of 0.2.
+SEEDS = (0, 1, 2)
 
 
 def _config_path(name: str) -> Path:
@@ -57,8 +59,18 @@ def _fit(frames: np.ndarray) -> np.ndarray:
     return t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def seeded(name: str, seed: int) -> str:
+    """The held-out item name of one input animated with one seed."""
+    return f"{name}_s{seed}"
+
+
+def seed_of(stem: str) -> int:
+    return int(stem.rsplit("_s", 1)[1])
+
+
 def write_footage(root: Path) -> tuple[Path, Path]:
-    """The training video and the held-out input/ground-truth pairs."""
+    """The training video and the held-out items: one per input and seed, each an input
+    image (name_sSEED.png) and, for carphone, its ground-truth clip (name_sSEED.mp4)."""
     from ipro.data.footage import astronaut, carphone
 
     video = carphone()
@@ -66,19 +78,24 @@ def write_footage(root: Path) -> tuple[Path, Path]:
     if not (train / "carphone_train.mp4").is_file():
         write_video(train / "carphone_train.mp4", video[:CARPHONE_TRAIN_FRAMES], fps=30)
         (train / "carphone_train.txt").write_text("a man talking on a phone in a car")
+    inputs = {"astronaut": (_fit(astronaut()[None])[0], None)}
     for start in HELDOUT_STARTS:
         clip = _fit(video[start : start + FRAME_STEP * NUM_FRAMES : FRAME_STEP][:NUM_FRAMES])
-        if len(clip) == NUM_FRAMES and not (heldout / f"carphone_{start}.mp4").is_file():
-            write_image(heldout / f"carphone_{start}.png", clip[0])
-            write_video(heldout / f"carphone_{start}.mp4", clip, fps=16)
-    if not (heldout / "astronaut.png").is_file():
-        write_image(heldout / "astronaut.png", _fit(astronaut()[None])[0])
+        if len(clip) == NUM_FRAMES:
+            inputs[f"carphone_{start}"] = (clip[0], clip)
+    for name, (image, clip) in inputs.items():
+        for seed in SEEDS:
+            item = heldout / seeded(name, seed)
+            if clip is not None and not item.with_suffix(".mp4").is_file():
+                write_video(item.with_suffix(".mp4"), clip, fps=16)
+            if not item.with_suffix(".png").is_file():
+                write_image(item.with_suffix(".png"), image)
     return train, heldout
 
 
 @torch.no_grad()
 def generate(model_path: Path, lora: Path | None, inputs: Path, out: Path, steps: int) -> Path:
-    """One video per held-out input image (first seed), written as name.mp4."""
+    """One video per held-out item (name_sSEED.png, animated with SEED), written as name_sSEED.mp4."""
     from ipro.data.video import read_image
     from ipro.models import load_model
     from ipro.sampling import sample
@@ -89,7 +106,7 @@ def generate(model_path: Path, lora: Path | None, inputs: Path, out: Path, steps
             continue
         image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1).float().div(255)[None]
         cond = model.prepare_condition(image, ["a person talking"], NUM_FRAMES, HEIGHT, WIDTH)
-        rollout = sample(model, cond, num_steps=steps, seed=SEEDS[0])
+        rollout = sample(model, cond, num_steps=steps, seed=seed_of(image_path.stem))
         video = (model.decode(rollout.latents)[0] * 255).round().clamp(0, 255).to(torch.uint8)
         write_video(out / f"{image_path.stem}.mp4", video.permute(0, 2, 3, 1).numpy(), fps=16)
     return out
@@ -131,15 +148,15 @@ def summarize(runs: dict[str, dict], ceiling: dict) -> list[dict]:
     for name, result in runs.items():
         fs = per_video(result, "face_sim", with_gt)
         ci = bootstrap_mean(fs)
-        mean, lo, hi = (ci["mean"], ci["ci_low"], ci["ci_high"]) if fs else (float("nan"), None, None)
-        astro = per_video(result, "face_sim", {"astronaut"})
+        fs_mean, lo, hi = (ci["mean"], ci["ci_low"], ci["ci_high"]) if fs else (float("nan"), None, None)
+        astro = per_video(result, "face_sim", {seeded("astronaut", s) for s in SEEDS})
         agg = result["aggregate"]
         rows.append({
             "run": name,
-            "face_sim": mean, "face_sim_ci": [lo, hi],
-            "gap_closed": gap_closed(base_fs, mean, ceil) if name != "base" else 0.0,
-            "relative_change": (mean - base_fs) / base_fs if name != "base" else 0.0,
-            "face_sim_astronaut": astro[0] if astro else None,
+            "face_sim": fs_mean, "face_sim_ci": [lo, hi],
+            "gap_closed": gap_closed(base_fs, fs_mean, ceil) if name != "base" else 0.0,
+            "relative_change": (fs_mean - base_fs) / base_fs if name != "base" else 0.0,
+            "face_sim_astronaut": mean(astro) if astro else None,
             "temporal_flickering": agg["temporal_flickering"]["mean"],
             "dynamic_degree": agg["dynamic_degree"]["mean"],
             "motion_px": agg["motion_px"]["mean"],
@@ -208,7 +225,7 @@ def write_demo_report(out: Path, rows: list[dict], heldout: Path, videos: dict[s
     (out / "report").mkdir(parents=True, exist_ok=True)
     _curves(run_dirs, out / "report" / "curves.png")
     strips = []
-    for gt in sorted(heldout.glob("*.png")):
+    for gt in sorted(heldout.glob(f"*_s{SEEDS[0]}.png")):  # one strip per input: its first seed
         name = gt.stem
         seq = ([heldout / f"{name}.mp4"] if (heldout / f"{name}.mp4").is_file() else []) + [videos[k] / f"{name}.mp4" for k in videos]
         _strip(seq, out / "report" / f"{name}.png")
@@ -225,7 +242,7 @@ def write_demo_report(out: Path, rows: list[dict], heldout: Path, videos: dict[s
             _fmt(r["gap_closed"], True), _fmt(r["relative_change"], True), _fmt(r["face_sim_astronaut"]),
             _fmt(r["temporal_flickering"]), _fmt(r["dynamic_degree"]), _fmt(r["rigid"]), _fmt(r["face_coverage"]))) + "</tr>")
     body.append("</table><h2>Reward and KL during training</h2><img src='report/curves.png'>")
-    body.append("<h2>Held-out videos (frames 0, 2, 4, 6, 8)</h2>")
+    body.append(f"<h2>Held-out videos, seed {SEEDS[0]} (frames 0, 2, 4, 6, 8)</h2>")
     for name, labels in strips:
         body.append(f"<h3>{html.escape(name)}</h3><p>rows: {html.escape(', '.join(labels))}</p><img src='report/{name}.png'>")
     page = "<!doctype html><meta charset=utf-8><title>ipro demo</title><body style='font-family:sans-serif'>" + "\n".join(body) + "</body>"
@@ -234,7 +251,7 @@ def write_demo_report(out: Path, rows: list[dict], heldout: Path, videos: dict[s
     return out / "demo_report.html"
 
 
-def run_demo(out: str | Path, steps: int = 40, sample_steps: int = 4, ablations: bool = True, model: str | Path | None = None, log=print) -> dict:
+def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations: bool = True, model: str | Path | None = None, log=print) -> dict:
     from ipro.data.prepare import load_config as prepare_config
     from ipro.data.prepare import prepare
     from ipro.eval import Evaluator, evaluate

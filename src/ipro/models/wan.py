@@ -20,10 +20,12 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanImageToVideoPipeline
 
 from ipro.errors import IproError
 from ipro.models.base import Condition, VideoModel, quiet_loading, read_model_index, register_family, scheduler_with_shift
+
+with quiet_loading():  # the pipeline module asks transformers for a torchvision image processor: one warning per process
+    from diffusers import WanImageToVideoPipeline
 
 # Attention q/k/v/o (self and text cross-attention) and the FFN of every block.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
