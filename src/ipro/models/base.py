@@ -239,6 +239,16 @@ class VideoModel:
         raise NotImplementedError
 
 
+def batch_prompts(prompts: str | list[str], batch_size: int) -> list[str]:
+    """One prompt per video: a single prompt serves the whole batch; any other count must match."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) == 1 and batch_size > 1:
+        prompts = prompts * batch_size
+    if len(prompts) != batch_size:
+        raise ValueError(f"got {batch_size} images but {len(prompts)} prompts")
+    return prompts
+
+
 def scheduler_with_shift(scheduler, shift: float):
     """A copy of a flow-matching scheduler (FlowMatchEuler or UniPC with flow sigmas) with another shift."""
     key = "flow_shift" if "flow_shift" in scheduler.config else "shift"

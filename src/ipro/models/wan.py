@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, VideoModel, quiet_loading, read_model_index, register_family, scheduler_with_shift
+from ipro.models.base import Condition, VideoModel, batch_prompts, quiet_loading, read_model_index, register_family, scheduler_with_shift
 
 with quiet_loading():  # the pipeline module asks transformers for a torchvision image processor: one warning per process
     from diffusers import WanImageToVideoPipeline
@@ -309,12 +309,8 @@ class WanModel(VideoModel):
 
     def prepare_condition(self, images, prompts, num_frames, height, width, negative_prompt: str | None = "") -> Condition:
         self.check_shape(num_frames, height, width)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         b = images.shape[0]
-        if len(prompts) == 1 and b > 1:
-            prompts = prompts * b
-        if len(prompts) != b:
-            raise ValueError(f"got {b} images but {len(prompts)} prompts")
+        prompts = batch_prompts(prompts, b)
         images = images.to(self.device, torch.float32)
         image_embeds = self.encode_clip(images) if self.uses_clip else None  # CLIP resizes on its own
         if tuple(images.shape[-2:]) != (height, width):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import WanVACEPipeline
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, register_family
+from ipro.models.base import Condition, batch_prompts, register_family
 from ipro.models.wan import WanModel
 
 
@@ -126,12 +126,8 @@ class WanVACE(WanModel):
         With several references, their latent frames come in reverse order, as in WanVACEPipeline.
         """
         self.check_shape(num_frames, height, width)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         b = images.shape[0]
-        if len(prompts) == 1 and b > 1:
-            prompts = prompts * b
-        if len(prompts) != b:
-            raise ValueError(f"got {b} images but {len(prompts)} prompts")
+        prompts = batch_prompts(prompts, b)
         r = self.num_reference_images
         references = [] if reference_images is None else list(reference_images)
         if len(references) == 1 and b > 1:
