@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,62 @@ def dataset(tmp_path_factory):
     summary = prepare(root / "in", root / "data", load_config("configs/prepare-tiny.yaml"))
     assert summary["kept"] >= 2
     return root / "data"
+
+
+PREPARE = "fps: 30\nframes: 17\nheight: 128\nwidth: 160\nmax_clips_per_video: 8\n"
+
+
+def prepare_carphone(root: Path, extra: str = "", frames=None) -> Path:
+    from ipro.data.footage import carphone
+    from ipro.data.prepare import load_config, prepare
+    from ipro.data.video import write_video
+
+    (root / "in").mkdir(parents=True)
+    write_video(root / "in" / "carphone.mp4", carphone() if frames is None else frames, fps=30)
+    (root / "prepare.yaml").write_text(PREPARE + extra)
+    prepare(root / "in", root / "data", load_config(root / "prepare.yaml"))
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory) -> Path:
+    """7 curated 17-frame carphone clips -> synthetic pairs; 2 clips and 1/4 of the donors held out."""
+    from ipro.data.pairs import make_synthetic_pairs
+
+    root = tmp_path_factory.mktemp("rm")
+    data = prepare_carphone(root)
+    make_synthetic_pairs(data, root / "pairs", variants=4, ties=1, seed=0)
+    return root / "pairs"
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A Qwen2.5-VL with random weights (2 text and 2 vision layers, width 32) and a
+    word-level tokenizer, saved as a transformers folder: it stands in for the 3B
+    checkpoint we cannot download here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ipro.rewards.vlm import PROMPT
+
+    path = tmp_path_factory.mktemp("tiny-qwen2.5-vl")
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    words = sorted(set(PROMPT.replace("<|im_end|>", " ").split()) | {"user", "assistant"})
+    vocab = {t: i for i, t in enumerate([*special, "[UNK]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>", additional_special_tokens=special[1:])
+    ids = {k: vocab[f"<|{k}|>"] for k in ("image_pad", "video_pad", "vision_start", "vision_end", "endoftext", "im_end")}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512, bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], bos_token_id=ids["endoftext"], eos_token_id=ids["im_end"],
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import to_tensor
+from conftest import prepare_carphone, to_tensor
 
 from ipro.data.pairs import load_pairs, make_synthetic_pairs
 from ipro.errors import IproError
@@ -29,30 +29,6 @@ from ipro.rewards.learned import (
 )
 
 IPRO = str(Path(sys.executable).with_name("ipro"))
-PREPARE = "fps: 30\nframes: 17\nheight: 128\nwidth: 160\nmax_clips_per_video: 8\n"
-
-
-def prepare_carphone(root: Path, extra: str = "", frames=None) -> Path:
-    from ipro.data.footage import carphone
-    from ipro.data.prepare import load_config, prepare
-    from ipro.data.video import write_video
-
-    (root / "in").mkdir(parents=True)
-    write_video(root / "in" / "carphone.mp4", carphone() if frames is None else frames, fps=30)
-    (root / "prepare.yaml").write_text(PREPARE + extra)
-    prepare(root / "in", root / "data", load_config(root / "prepare.yaml"))
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory) -> Path:
-    """7 curated 17-frame carphone clips -> synthetic pairs; 2 clips and 1/4 of the donors held out."""
-    root = tmp_path_factory.mktemp("rm")
-    data = prepare_carphone(root)
-    make_synthetic_pairs(data, root / "pairs", variants=4, ties=1, seed=0)
-    return root / "pairs"
-
-
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory) -> FaceFeatureExtractor:
     return FaceFeatureExtractor(num_frames=8, cache_dir=tmp_path_factory.mktemp("face-cache"))
@@ -240,13 +216,6 @@ def test_grpo_uses_the_learned_reward(model, tmp_path):
     with pytest.raises(IproError, match="not a reward model"):
         GRPOTrainer(train_config("configs/tiny-cpu-grpo.yaml", {"data.dataset": str(tmp_path / "data"), "grpo.reward_model": str(tmp_path),
                                                              "run.output_dir": str(tmp_path / "run2"), "run.report_to": []}))
-
-
-def test_vlm_backbone_without_a_checkpoint_is_a_clear_error(tmp_path):
-    from ipro.rewards.learned import VlmRewardModel
-
-    with pytest.raises(IproError, match="no VLM checkpoint there"):
-        VlmRewardModel(tmp_path / "Qwen2.5-VL-3B-Instruct")
 
 
 def _cli(*args: str) -> list[str]:

@@ -137,3 +137,71 @@ def test_saved_lora_loads_in_diffusers(vace, face, reference, tmp_path):
         with torch.no_grad():
             again = sample(reloaded, cond, 4, seed=3, guidance_scale=1.0).latents
         assert torch.allclose(again, ours, atol=1e-6)
+
+
+def test_dataset_references_are_the_people_s_faces_in_the_first_frame(dataset):
+    """One crop per person on frame 0 (carphone has one: the crop holds his face, the
+    same person as his pool), then the whole frame for the remaining slots."""
+    from ipro.data.dataset import CuratedDataset, collate
+    from ipro.faces.embedder import FaceEmbedder
+
+    data = CuratedDataset(dataset, size=(128, 160), references=2)
+    batch = collate([data[0], data[1]])
+    refs = batch["references"]
+    assert refs.shape == (2, 2, 3, 128, 128)
+    embedder = FaceEmbedder("dlib")
+    faces = embedder(refs[:, :1])  # (2 videos, 1 frame): the face crops
+    assert faces.sample.tolist() == [0, 1]
+    for k, pool in enumerate(batch["pool"]):
+        person = torch.nn.functional.normalize(pool.embeddings[pool.identity == 0].mean(0), dim=0)
+        assert float(faces.embeddings[k] @ person) > 0.9  # measured 0.993, 0.994
+        # The face fills the crop: its box is over a third of the crop's side.
+        x0, y0, x1, y1 = faces.boxes[k].tolist()
+        assert x1 - x0 > 128 / 3
+    # Slot 2: the first frame, squashed to a square.
+    whole = torch.nn.functional.interpolate(batch["image"][:1], size=(128, 128), mode="bilinear", antialias=True)
+    assert float((refs[0, 1] - whole[0]).abs().mean()) < 0.02
+
+
+def test_grpo_trains_wan_vace_with_reference_crops(dataset, tmp_path):
+    from ipro.train.config import load_config
+    from ipro.train.grpo import GRPOTrainer
+
+    overrides = {"model.path": "tiny:wan-vace", "model.reference_images": 1, "data.dataset": str(dataset), "data.height": 64,
+                 "data.width": 64, "grpo.group_size": 2, "run.output_dir": str(tmp_path / "run"), "run.report_to": [], "optim.steps": 2}
+    trainer = GRPOTrainer(load_config("configs/tiny-cpu-grpo.yaml", overrides))
+    assert trainer.model.num_reference_images == 1
+    batch = trainer.batch_at(0, 0)
+    cond = trainer.condition(batch)
+    assert cond.num_reference_frames == 1
+    rollout = trainer.rollout(batch, torch.Generator().manual_seed(0))
+    assert rollout.sde.latents.shape[2] == 1 + 3  # the reference's latent frame, then the video's
+    assert trainer.model.decode(rollout.sde.latents).shape[1] == 9 and rollout.scores.shape == (2,)
+    trainer.train()
+    assert trainer.global_step == 2 and sorted(p.name for p in (tmp_path / "run").rglob("*lora*.safetensors"))
+    with pytest.raises(IproError, match="the wan2.1-i2v family takes no reference images"):
+        GRPOTrainer(load_config("configs/tiny-cpu-grpo.yaml", {**overrides, "model.path": "tiny:wan2.1-i2v", "run.output_dir": str(tmp_path / "r2")}))
+
+
+def test_generate_with_reference_images(vace, face, reference, tmp_path):
+    """`ipro generate --reference`: the reference conditions the video (it differs from the
+    video made without it) and is not one of its frames."""
+    from typer.testing import CliRunner
+
+    import ipro.cli.generate  # noqa: F401  (registers the command)
+    from ipro.cli.main import app
+    from ipro.data.video import read_video, write_image
+
+    write_image(tmp_path / "first.png", face[0])
+    write_image(tmp_path / "ref.png", reference)
+    common = [str(tmp_path / "first.png"), "--model", str(vace), "--num-frames", "9", "--height", "64", "--width", "64", "--steps", "3"]
+    for name, extra in (("with", ["--reference", str(tmp_path / "ref.png")]), ("without", [])):
+        result = CliRunner().invoke(app, ["generate", *common, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    with_ref, _ = read_video(tmp_path / "with" / "first.mp4")
+    without, _ = read_video(tmp_path / "without" / "first.mp4")
+    assert with_ref.shape == without.shape == (9, 64, 64, 3)
+    assert np.abs(with_ref.astype(int) - without.astype(int)).mean() > 1.0
+    import json
+
+    assert json.loads((tmp_path / "with" / "first.json").read_text())["references"] == [str(tmp_path / "ref.png")]

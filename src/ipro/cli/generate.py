@@ -73,6 +73,7 @@ def generate(
     lora: Path = typer.Option(None, "--lora", help="LoRA weights from `ipro train` (file or folder)."),
     lightning: Path = typer.Option(None, "--lightning", help="Distilled few-step LoRA to merge; defaults to its 4-step, no-CFG schedule."),
     family: str = typer.Option(None, "--family", help="Model family; detected from model_index.json by default."),
+    reference: list[Path] = typer.Option([], "--reference", help="Reference image of a person, for every video (repeatable; Wan VACE only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first video; video i uses seed + i."),
     num_frames: int = typer.Option(81, "--num-frames", help="Frames per video: 4k+1 (81 = 5 s at 16 fps)."),
     height: int = typer.Option(None, "--height", help="Output height (with --width); default: the image's aspect at 480p area."),
@@ -105,13 +106,20 @@ def generate(
     if height is None:
         height, width = default_size(read_image(images[0]).shape[:2], family_cls.pixel_multiple())
     family_cls.check_shape(num_frames, height, width)
+    for path in reference:
+        if not path.is_file():
+            raise IproError(f"{path}: no such --reference image; check the path")
+    if reference and not family_cls.takes_reference_images:
+        raise IproError(f"--reference: the {family} family takes no reference images; use a Wan VACE checkpoint or drop --reference")
     for path, name in ((lora, "--lora"), (lightning, "--lightning")):
         if path is not None and not path.exists():
             raise IproError(f"{path}: {name} file not found; check the path")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning)
+    extra = {"num_reference_images": len(reference)} if reference else {}
+    vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning, **extra)
+    refs = [torch.from_numpy(read_image(p).copy()).permute(2, 0, 1).float() / 255.0 for p in reference]
     fps = fps or vm.fps
     names = output_names(images)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +130,8 @@ def generate(
         for start in range(0, len(images), batch_size):
             idx = list(range(start, min(start + batch_size, len(images))))
             batch = torch.stack([fit_image(read_image(images[i]), height, width) for i in idx])
-            cond = vm.prepare_condition(batch, [all_prompts[i] for i in idx], num_frames, height, width, negative_prompt)
+            extra = {"reference_images": [refs] * len(idx)} if refs else {}
+            cond = vm.prepare_condition(batch, [all_prompts[i] for i in idx], num_frames, height, width, negative_prompt, **extra)
             shape = vm.latent_shape(1, num_frames, height, width)
             noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
             rollout = sample(vm, cond, steps, guidance_scale=guidance, shift=shift, noise=noise)
@@ -134,6 +143,7 @@ def generate(
                 settings = {
                     "video": video_path.name,
                     "image": str(images[i]),
+                    "references": [str(p) for p in reference],
                     "prompt": all_prompts[i],
                     "negative_prompt": negative_prompt,
                     "model": str(model),

@@ -81,14 +81,15 @@ def train_command(
     eval_pairs: list[Path] = typer.Option([], "--eval", help="Held-out JSONL pair file(s) to report accuracy on."),
     heldout: float = typer.Option(0.0, min=0.0, max=0.9, help="Without --eval: hold out this fraction of pair groups."),
     frames: int = typer.Option(8, min=2, help="Frames sampled per video."),
-    epochs: int = typer.Option(150, min=1),
-    lr: float = typer.Option(3e-3, min=0.0),
+    epochs: int | None = typer.Option(None, min=1, help="Passes over the pairs [default: 150 for faces, 2 for vlm]."),
+    lr: float | None = typer.Option(None, min=0.0, help="Learning rate [default: 3e-3 for faces, 1e-4 for vlm (LoRA + value head)]."),
     seed: int = typer.Option(0),
     recognizer: str = typer.Option("dlib", help="Face recognizer of the backbone: 'dlib' or 'arcface:/path/backbone.pth'."),
     cache: Path | None = typer.Option(None, help="Face-embedding cache folder (default: OUT/face-cache)."),
     backbone: str = typer.Option("faces", help="'faces' (frozen face recognizer + temporal head, CPU) or 'vlm' (needs --vlm)."),
     vlm: Path | None = typer.Option(None, help="Local transformers folder of a VLM (e.g. Qwen2.5-VL-3B-Instruct) for --backbone vlm."),
-    vlm_lora_rank: int = typer.Option(16, min=0),
+    vlm_lora_rank: int = typer.Option(16, min=0, help="LoRA rank on the VLM's language attention (0: train the value head only)."),
+    vlm_image_size: int = typer.Option(224, min=28, help="Side each frame and reference is resized to for the VLM (a multiple of 28 for Qwen)."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Train on preference pairs with a Bradley-Terry loss that allows ties (Rao-Kupper)."""
@@ -99,7 +100,7 @@ def train_command(
     if not held and heldout > 0:
         train, held = split_pairs(train, heldout, seed)
     if backbone == "vlm":
-        _train_vlm(train, held, out, vlm, frames, vlm_lora_rank, lr, epochs, seed, device)
+        _train_vlm(train, held, out, vlm, frames, vlm_lora_rank, vlm_image_size, lr or 1e-4, epochs or 2, seed, device)
         return
     if backbone != "faces":
         raise IproError(f"--backbone {backbone!r}: use 'faces' or 'vlm'")
@@ -111,7 +112,7 @@ def train_command(
     )
 
     extractor = FaceFeatureExtractor(FaceEmbedder(recognizer).to(device), num_frames=frames, cache_dir=cache or out / "face-cache")
-    config = RewardModelTrainConfig(num_frames=frames, epochs=epochs, lr=lr, seed=seed)
+    config = RewardModelTrainConfig(num_frames=frames, epochs=epochs or 150, lr=lr or 3e-3, seed=seed)
     progress, update = _bar("embedding faces")
     with progress:
         model = train_reward_model(train, held or None, config, extractor, progress=update)
@@ -129,16 +130,14 @@ def _report(metrics: dict, out: Path | None = None) -> None:
         typer.echo(f"saved {out}")
 
 
-def _train_vlm(train, held, out: Path, vlm: Path | None, frames: int, rank: int, lr: float, epochs: int, seed: int, device: str) -> None:
-    from ipro.rewards.learned import (
-        VlmRewardModel,
-        evaluate_files,
-        train_vlm_reward_model,
-    )
+def _train_vlm(train, held, out: Path, vlm: Path | None, frames: int, rank: int, image_size: int, lr: float, epochs: int, seed: int,
+               device: str) -> None:
+    from ipro.rewards.learned import evaluate_files
+    from ipro.rewards.vlm import VlmRewardModel, train_vlm_reward_model
 
     if vlm is None:
         raise IproError("--backbone vlm needs --vlm PATH: a local VLM folder (e.g. Qwen2.5-VL-3B-Instruct)")
-    model = VlmRewardModel(vlm, num_frames=frames, lora_rank=rank, device=device)
+    model = VlmRewardModel(vlm, num_frames=frames, lora_rank=rank, image_size=image_size, device=device)
     progress, update = _bar("training the VLM reward model")
     with progress:
         train_vlm_reward_model(model, train, epochs=epochs, lr=lr, seed=seed, progress=update)

@@ -40,12 +40,16 @@ class CuratedDataset(torch.utils.data.Dataset):
         size: (H, W) to resize images and clips to (None: as prepared). Face pool boxes
             and landmarks stay in prepared-clip pixels; only embeddings matter to rewards.
 
+        references: per item, this many reference images of the people (see
+            `reference_crops`), for reference-to-video models (Wan VACE).
+
     Items are dicts: id, image (3, H, W) float in [0, 1], caption, pool (FacePool),
-    and clip (F, 3, H, W) when load_clip.
+    clip (F, 3, H, W) when load_clip, and references (R, 3, S, S) when references > 0
+    (S: the smaller side of `size`).
     """
 
     def __init__(self, out_dir: str | Path, load_clip: bool = False, frames: int | None = None,
-                 size: tuple[int, int] | None = None) -> None:
+                 size: tuple[int, int] | None = None, references: int = 0) -> None:
         import pyarrow.parquet as pq
 
         self.out_dir = Path(out_dir)
@@ -59,19 +63,18 @@ class CuratedDataset(torch.utils.data.Dataset):
             short = [r["id"] for r in self.rows if r["num_frames"] < frames]
             if short:
                 raise IproError(f"{manifest}: {len(short)} clips (e.g. {short[0]}) have fewer than frames={frames} frames; ask for fewer")
-        self.load_clip, self.frames, self.size = load_clip, frames, size
+        self.load_clip, self.frames, self.size, self.references = load_clip, frames, size, references
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        item = {
-            "id": row["id"],
-            "image": _resize(_to_tensor(read_image(self.out_dir / row["first_frame"])), self.size),
-            "caption": row["caption"],
-            "pool": load_pool(self.out_dir / row["pool"]),
-        }
+        image = _to_tensor(read_image(self.out_dir / row["first_frame"]))
+        item = {"id": row["id"], "image": _resize(image, self.size), "caption": row["caption"], "pool": load_pool(self.out_dir / row["pool"])}
+        if self.references:
+            side = min(self.size) if self.size else min(image.shape[-2:])
+            item["references"] = reference_crops(image, item["pool"], self.references, side)
         if self.load_clip:
             clip, _ = read_video(self.out_dir / row["clip"], max_frames=self.frames)
             item["clip"] = _resize(_to_tensor(clip), self.size)
@@ -86,9 +89,33 @@ def collate(batch: list[dict]) -> dict:
         "caption": [b["caption"] for b in batch],
         "pool": [b["pool"] for b in batch],
     }
-    if batch and "clip" in batch[0]:
-        out["clip"] = torch.stack([b["clip"] for b in batch])
+    for key in ("clip", "references"):
+        if batch and key in batch[0]:
+            out[key] = torch.stack([b[key] for b in batch])
     return out
 
 
-__all__ = ["CuratedDataset", "FacePool", "collate"]
+def reference_crops(image: torch.Tensor, pool: FacePool, count: int, side: int, margin: float = 1.8) -> torch.Tensor:
+    """`count` reference images (count, 3, side, side) of the people in a first frame
+    (3, H, W), as a user would give a reference-to-video model: person p's face on
+    frame 0, a square `margin` times the box's longer side (moved inside the image),
+    in person order. Where the frame shows fewer people, the whole frame (squashed to a
+    square) fills the remaining slots, so every item has the same number of references.
+    """
+    h, w = image.shape[-2:]
+    crops = []
+    for person in range(pool.num_people):
+        on_first = (pool.identity == person) & (pool.frame == 0)
+        if not on_first.any() or len(crops) == count:
+            continue
+        x0, y0, x1, y1 = pool.boxes[on_first][pool.scores[on_first].argmax()].tolist()
+        half = min(margin * max(x1 - x0, y1 - y0), h, w) / 2
+        cx = min(max((x0 + x1) / 2, half), w - half)
+        cy = min(max((y0 + y1) / 2, half), h - half)
+        top, left, size = round(cy - half), round(cx - half), max(1, round(2 * half))
+        crops.append(_resize(image[:, top : top + size, left : left + size], (side, side)))
+    crops += [_resize(image, (side, side))] * (count - len(crops))
+    return torch.stack(crops)
+
+
+__all__ = ["CuratedDataset", "FacePool", "collate", "reference_crops"]

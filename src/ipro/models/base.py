@@ -98,6 +98,11 @@ class VideoModel:
     default_guidance: float = 5.0
     default_sigmas: list[float] | None = None  # unshifted custom sigmas (the scheduler shifts them)
 
+    # Reference-to-video families (Wan VACE) take reference images of the people besides
+    # the first frame; how many per video is fixed when the model is loaded.
+    takes_reference_images: bool = False
+    num_reference_images: int = 0
+
     device: torch.device = torch.device("cpu")
     scheduler = None  # a diffusers scheduler; samplers read its sigmas and timesteps
 
@@ -164,7 +169,9 @@ class VideoModel:
         width: int,
         negative_prompt: str | None = "",
     ) -> Condition:
-        """Encode first frames (B, 3, H, W) float in [0, 1] and B prompts (text embeddings are cached)."""
+        """Encode first frames (B, 3, H, W) float in [0, 1] and B prompts (text embeddings are cached).
+
+        Families with `takes_reference_images` also take `reference_images=` (B, R, 3, h, w)."""
         raise NotImplementedError
 
     def velocity(self, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:

@@ -39,7 +39,7 @@ class WanVACE(WanModel):
     fps = 16.0
     pipeline_class = WanVACEPipeline  # LoRA files in the format WanVACEPipeline.load_lora_weights reads
 
-    num_reference_images: int = 0  # leading latent frames holding reference images, per video
+    takes_reference_images = True
     conditioning_scale: float = 1.0  # weight of the control hints in every VACE layer
 
     @classmethod

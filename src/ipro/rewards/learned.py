@@ -27,7 +27,8 @@ score has no gradient to the pixels (detection and assignment are discrete, and 
 needs none); it is normalized by the mean/std of the scores of the training videos.
 
 A VLM backbone (Identity-GRPO's choice: Qwen2.5-VL with LoRA and a value head on the
-last token) is `VlmRewardModel`: the same pairs and loss, loaded from a local folder.
+last token) is `ipro.rewards.vlm.VlmRewardModel`: the same pairs and loss, loaded from a
+local folder.
 """
 
 from __future__ import annotations
@@ -402,6 +403,8 @@ def load_reward_model(directory: str | Path, device="cpu"):
     """An `IdentityRewardModel` or `VlmRewardModel`, whichever the folder holds."""
     meta = read_meta(directory)
     if meta["backbone"] == "vlm":
+        from ipro.rewards.vlm import VlmRewardModel
+
         return VlmRewardModel.load(directory, device=device)
     return IdentityRewardModel.load(directory).to(device)
 
@@ -512,10 +515,7 @@ def evaluate_reward_model(model: IdentityRewardModel, pairs, extractor: FaceFeat
 def score_files(model, videos: list, references: list, cache_dir: str | Path | None = None) -> list[float]:
     """Raw scores of video files against reference images, for either backbone."""
     if getattr(model, "backbone", "faces") == "vlm":
-        from ipro.data.video import read_image, read_media
-
-        refs = [_to_tensor(read_image(r)) for r in references]
-        return [float(model([refs], _to_tensor(read_media(v)[0])[None].to(model.value_head.weight.device))) for v in videos]
+        return model.score_files(videos, references)
     extractor = FaceFeatureExtractor(num_frames=model.num_frames, cache_dir=cache_dir)
     feats = torch.stack([extractor.file_features(v, references) for v in videos])
     return model(feats).tolist()
@@ -549,7 +549,7 @@ class LearnedIdentityReward(Reward):
     def __init__(self, model: IdentityRewardModel, extractor: FaceFeatureExtractor | None = None, name: str | None = None) -> None:
         super().__init__()
         if getattr(model, "backbone", "faces") != "faces":
-            raise IproError("LearnedIdentityReward takes a face-feature reward model; a VLM model scores with VlmRewardModel.score")
+            raise IproError("LearnedIdentityReward takes a face-feature reward model; a VLM reward model plugs in as ipro.rewards.vlm.VlmIdentityReward")
         self.model = model.eval().requires_grad_(False)
         self.extractor = extractor or FaceFeatureExtractor(num_frames=model.num_frames)
         if self.extractor.recognizer != model.settings["recognizer"]:
@@ -619,184 +619,6 @@ class LearnedIdentityReward(Reward):
         return finish(self.name, self.normalization, list(raw), own, steps, anchor, 0.0)
 
 
-# --- VLM backbone (Identity-GRPO's choice) -----------------------------------------------
-
-VLM_PROMPT = (
-    "The first images show the reference people; the next images are frames of a generated video. "
-    "Do the people in the video stay the same persons as in the references throughout? Answer with a score."
-)
-
-
-class VlmRewardModel(nn.Module):
-    """A vision-language model (e.g. Qwen2.5-VL) with LoRA and a scalar value head on
-    the last token's hidden state: reference image(s) then N frames as images, then a
-    question. Loaded from a local transformers folder; trains with `rao_kupper_nll`.
-    """
-
-    backbone = "vlm"
-
-    def __init__(self, path: str | Path, num_frames: int = 8, lora_rank: int = 16, image_size: int = 224,
-                 device="cpu", dtype: torch.dtype = torch.float32, adapter: str | Path | None = None) -> None:
-        super().__init__()
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise IproError(
-                f"{path}: no VLM checkpoint there (config.json missing); pass a local transformers folder "
-                "of a vision-language model, e.g. a download of Qwen/Qwen2.5-VL-3B-Instruct"
-            )
-        from peft import LoraConfig, PeftModel, get_peft_model
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from ipro.models.base import quiet_loading
-
-        with quiet_loading():
-            self.processor = AutoProcessor.from_pretrained(str(path))
-            base = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        if adapter is not None:
-            self.vlm = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-        elif lora_rank > 0:
-            self.vlm = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets, lora_dropout=0.0))
-        else:
-            self.vlm = base
-        hidden = _text_hidden_size(base.config)
-        self.value_head = nn.Linear(hidden, 1)
-        self.tie_raw = nn.Parameter(torch.tensor(0.5))
-        self.settings = {"path": str(path), "num_frames": num_frames, "lora_rank": lora_rank, "image_size": image_size}
-        self.normalization = Normalization()
-        self.metrics: dict = {}
-        self.to(device)
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.settings["num_frames"])
-
-    @property
-    def tau(self) -> torch.Tensor:
-        return F.softplus(self.tie_raw) + 1e-4
-
-    def _images(self, images) -> list:
-        """(K, 3, H, W) or a list of (3, H, W) in [0, 1] -> K square PIL images."""
-        from PIL import Image
-
-        size = int(self.settings["image_size"])
-        out = []
-        for x in images:
-            x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-            out.append(Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()))
-        return out
-
-    def forward(self, references: list[torch.Tensor], videos: torch.Tensor) -> torch.Tensor:
-        """references: per video (K, 3, H, W) or a list of (3, H, W); videos (B, F, 3, H, W) in [0, 1] -> (B,) scores."""
-        steps = sample_frames(videos.shape[1], self.num_frames)
-        texts, images = [], []
-        for refs, video in zip(references, videos):
-            imgs = self._images(refs) + self._images(video[steps])
-            content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": VLM_PROMPT}]
-            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True))
-            images.append(imgs)
-        self.processor.tokenizer.padding_side = "left"  # the last position is every sequence's last token
-        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.value_head.weight.device)
-        out = self.vlm(**inputs, output_hidden_states=True)
-        last = out.hidden_states[-1][:, -1]
-        return self.value_head(last.to(self.value_head.weight.dtype)).squeeze(-1)
-
-    def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if hasattr(self.vlm, "save_pretrained") and self.settings["lora_rank"] > 0:
-            self.vlm.save_pretrained(str(directory / "adapter"))
-        save_file({"value_head.weight": self.value_head.weight.detach().cpu().contiguous(),
-                   "value_head.bias": self.value_head.bias.detach().cpu().contiguous(),
-                   "tie_raw": self.tie_raw.detach().cpu().reshape(1)}, str(directory / "head.safetensors"))
-        meta = {"format": FORMAT, "backbone": self.backbone, **self.settings,
-                "normalization": [self.normalization.mean, self.normalization.std], "metrics": self.metrics}
-        (directory / "reward_model.json").write_text(json.dumps(meta, indent=2))
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> VlmRewardModel:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta = read_meta(directory)
-        adapter = directory / "adapter" if (directory / "adapter").is_dir() else None
-        model = cls(meta["path"], meta["num_frames"], meta["lora_rank"], meta["image_size"], device, dtype, adapter)
-        head = load_file(str(directory / "head.safetensors"))
-        with torch.no_grad():
-            model.value_head.weight.copy_(head["value_head.weight"])
-            model.value_head.bias.copy_(head["value_head.bias"])
-            model.tie_raw.copy_(head["tie_raw"][0])
-        model.normalization = Normalization(*meta["normalization"])
-        model.metrics = meta.get("metrics", {})
-        return model.eval()
-
-
-class VlmIdentityReward(Reward):
-    """A trained `VlmRewardModel` as a `Reward` (no gradient): references are the input
-    images (`batch.reference_frames`) or `batch.extra["references"]` (per video a list)."""
-
-    name = "identity_vlm"
-
-    def __init__(self, model: VlmRewardModel) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.normalization = model.normalization
-
-    def forward(self, frames: torch.Tensor, batch: RewardBatch | Mapping[str, Any] | None = None) -> RewardOutput:
-        b = frames.shape[0]
-        batch = RewardBatch.coerce(batch, b)
-        refs = batch.extra.get("references")
-        if refs is None:
-            if batch.reference_frames is None:
-                raise IproError("VlmIdentityReward needs batch.reference_frames or batch.extra['references']")
-            refs = [batch.reference_frames[i : i + 1] for i in range(b)]
-        with torch.no_grad():
-            raw = torch.stack([self.model([r], frames[i : i + 1]) for i, r in enumerate(refs)]).flatten().float().to(frames.device)
-        steps = sample_frames(frames.shape[1], self.model.num_frames).to(frames.device)
-        per_frame = torch.full((b, len(steps)), float("nan"), device=frames.device)
-        anchor = frames.flatten()[:1].sum() * 0.0
-        return finish(self.name, self.normalization, list(raw), per_frame, steps, anchor, 0.0)
-
-
-def _text_hidden_size(config) -> int:
-    for cfg in (getattr(config, "text_config", None), config):
-        if cfg is not None and getattr(cfg, "hidden_size", None):
-            return int(cfg.hidden_size)
-    raise IproError("cannot find the VLM's hidden size in its config (text_config.hidden_size)")
-
-
-def train_vlm_reward_model(model: VlmRewardModel, train_pairs, epochs: int = 1, lr: float = 1e-5, seed: int = 0, progress=None) -> VlmRewardModel:
-    """One pair per step through the VLM (GPU territory): Rao-Kupper on the two scores."""
-    from ipro.data.video import read_image, read_media
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    device = model.value_head.weight.device
-    step, total = 0, epochs * len(train_pairs)
-    for _ in range(epochs):
-        for k in torch.randperm(len(train_pairs), generator=gen).tolist():
-            p = train_pairs[k]
-            refs = [_to_tensor(read_image(r)) for r in p.references]
-            va, vb = (_to_tensor(read_media(v)[0]) for v in (p.video_a, p.video_b))
-            steps_a = sample_frames(va.shape[0], model.num_frames)
-            steps_b = sample_frames(vb.shape[0], model.num_frames)
-            # Two calls: the videos may differ in size or length.
-            s_a = model([refs], va[steps_a][None].to(device))
-            s_b = model([refs], vb[steps_b][None].to(device))
-            loss = rao_kupper_nll(s_a - s_b, torch.tensor([p.target], device=device), model.tau).mean() * p.weight
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if progress:
-                progress(step, total)
-    return model.eval()
-
-
 __all__ = [
     "FEATURES",
     "FaceFeatureExtractor",
@@ -804,8 +626,6 @@ __all__ = [
     "LearnedIdentityReward",
     "RewardModelTrainConfig",
     "TemporalHead",
-    "VlmIdentityReward",
-    "VlmRewardModel",
     "evaluate_files",
     "evaluate_reward_model",
     "frame_features",
@@ -813,5 +633,4 @@ __all__ = [
     "rao_kupper_nll",
     "score_files",
     "train_reward_model",
-    "train_vlm_reward_model",
 ]

@@ -106,12 +106,8 @@ class GRPOTrainer(Trainer):
     def build_reward(self):
         from ipro.faces.embedder import FaceEmbedder
         from ipro.rewards import FaceIdentityReward, WeightedReward
-        from ipro.rewards.learned import (
-            LearnedIdentityReward,
-            VlmIdentityReward,
-            VlmRewardModel,
-            read_meta,
-        )
+        from ipro.rewards.learned import LearnedIdentityReward, read_meta
+        from ipro.rewards.vlm import VlmIdentityReward, VlmRewardModel
         from ipro.train.ipro import build_face_reward
 
         g = self.config.grpo
@@ -141,18 +137,19 @@ class GRPOTrainer(Trainer):
         from ipro.rewards import RewardBatch
 
         c = self.config
-        d, g = c.data, c.grpo
+        g = c.grpo
         G = g.group_size
-        images = batch["image"].to(self.accelerator.device)
-        prompts = [cap or d.default_prompt for cap in batch["caption"]]
-        cond = self.model.prepare_condition(images, prompts, d.num_frames, d.height, d.width).repeat_interleave(G)
+        cond = self.condition(batch).repeat_interleave(G)
         t0 = time.perf_counter()
         sde = sde_sample(self.model, cond, c.sampler.num_steps, eta=g.eta, generator=generator,
                          guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift)
         t1 = time.perf_counter()
         frames = self.model.decode(sde.latents)
         pools = [p for p in batch["pool"] for _ in range(G)]
-        out = self.reward(frames.float(), RewardBatch(pools=pools, reference_frames=images.repeat_interleave(G, 0)))
+        images = batch["image"].to(frames.device).repeat_interleave(G, 0)
+        # A reference-to-video model's reference crops are the learned rewards' references too.
+        extra = {"references": [r for r in batch["references"] for _ in range(G)]} if "references" in batch else {}
+        out = self.reward(frames.float(), RewardBatch(pools=pools, reference_frames=images, extra=extra))
         t2 = time.perf_counter()
         scores, valid = out.score.detach().float(), out.valid
         adv = group_advantages(scores, valid, G)

@@ -73,10 +73,7 @@ class IPROTrainer(Trainer):
         from ipro.sampling import sample
 
         c = self.config
-        d = c.data
-        images = batch["image"].to(self.accelerator.device)
-        prompts = [cap or d.default_prompt for cap in batch["caption"]]
-        cond = self.model.prepare_condition(images, prompts, d.num_frames, d.height, d.width)
+        cond = self.condition(batch)
         k = c.sampler.grad_steps if c.sampler.grad_steps_min is None else (c.sampler.grad_steps_min, c.sampler.grad_steps)
         rollout = sample(
             self.model, cond, num_steps=c.sampler.num_steps, grad_steps=k if grad else 0,

@@ -19,11 +19,9 @@ class SFTTrainer(Trainer):
         from ipro.sampling.schedule import flow_schedule
 
         c = self.config
-        d = c.data
         dev = self.accelerator.device
         clips = batch["clip"].to(dev)  # (B, F, 3, H, W)
-        prompts = [cap or d.default_prompt for cap in batch["caption"]]
-        cond = self.model.prepare_condition(clips[:, 0], prompts, d.num_frames, d.height, d.width)
+        cond = self.condition(batch, images=clips[:, 0])
         with torch.no_grad():
             x0 = self.model.encode_video(clips.transpose(1, 2))  # the VAE wants (B, 3, F, H, W)
         schedule = flow_schedule(self.model, num_steps=c.sampler.num_steps, shift=c.sampler.shift)

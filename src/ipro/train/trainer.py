@@ -105,7 +105,8 @@ class Trainer:
         from ipro.data.dataset import CuratedDataset
 
         d = self.config.data
-        return CuratedDataset(d.dataset, load_clip=self.needs_clips, frames=d.num_frames if self.needs_clips else None, size=(d.height, d.width))
+        return CuratedDataset(d.dataset, load_clip=self.needs_clips, frames=d.num_frames if self.needs_clips else None, size=(d.height, d.width),
+                              references=self.model.num_reference_images)
 
     def build_reward(self):
         return None
@@ -295,6 +296,16 @@ class Trainer:
             with open(self.output_dir / "logs.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.global_step, **{k: float(v) for k, v in logs.items()}}) + "\n")
 
+    def condition(self, batch: dict, images: torch.Tensor | None = None):
+        """The model's `Condition` for a batch: its first frames (or `images`), captions
+        (the default prompt where empty) and, for reference-to-video models, its references."""
+        d = self.config.data
+        dev = self.accelerator.device
+        images = (batch["image"] if images is None else images).to(dev)
+        prompts = [cap or d.default_prompt for cap in batch["caption"]]
+        extra = {"reference_images": batch["references"].to(dev)} if self.model.num_reference_images else {}
+        return self.model.prepare_condition(images, prompts, d.num_frames, d.height, d.width, **extra)
+
     @torch.no_grad()
     def write_samples(self) -> list[Path]:
         """Videos of the current model for the first item of the data order, one per
@@ -304,10 +315,9 @@ class Trainer:
 
         if not self.accelerator.is_main_process:
             return []
-        c, d = self.config, self.config.data
+        c = self.config
         batch = self.batch_at(0, 0)
-        images = batch["image"].to(self.accelerator.device)
-        cond = self.model.prepare_condition(images, [x or d.default_prompt for x in batch["caption"]], d.num_frames, d.height, d.width)
+        cond = self.condition(batch)
         rollout = sample(self.model, cond, num_steps=c.sampler.num_steps, seed=c.run.seed, guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift)
         video = (self.model.decode(rollout.latents) * 255).round().clamp(0, 255).to(torch.uint8)
         paths = []
@@ -340,11 +350,19 @@ def resolve_model_path(path: str, cache_dir: Path) -> Path:
 def load_for_training(m, cache_dir: Path, device):
     """A `VideoModel` ready to fine-tune, from the `model` section of the config."""
     from ipro.models import load_model
+    from ipro.models.base import FAMILIES, detect_family
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
+    path = resolve_model_path(m.path, cache_dir)
+    family = detect_family(path) if m.family == "auto" else m.family
+    references = {}
+    if m.reference_images:
+        if not FAMILIES[family].takes_reference_images:
+            raise IproError(f"model.reference_images={m.reference_images}: the {family} family takes no reference images; set it to 0")
+        references = {"num_reference_images": m.reference_images}
     return load_model(
-        resolve_model_path(m.path, cache_dir),
-        family=None if m.family == "auto" else m.family,
+        path,
+        family=family,
         dtype=dtype,
         device=device,
         finetune="lora" if m.lora_rank > 0 else "full",
@@ -354,6 +372,7 @@ def load_for_training(m, cache_dir: Path, device):
         lora_targets=m.lora_targets,
         lightning=m.lightning_lora,
         gradient_checkpointing=m.gradient_checkpointing,
+        **references,
     )
 
 
