@@ -178,3 +178,14 @@ def test_samples_ema_and_logs(dataset, tmp_path):
     assert logs["peak_rss_gb"] > 0.1
     (sample,) = trainer.write_samples()
     assert sample.name.startswith("step-000002-") and read_video(sample)[0].shape == (9, 128, 160, 3)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in Path("configs").glob("*.yaml") if not p.name.startswith("prepare")))
+def test_every_training_preset_validates(preset):
+    """The GPU presets cannot run here, but their keys and values must pass validation."""
+    from ipro.train.config import load_config
+
+    cfg = load_config(f"configs/{preset}")
+    assert cfg.method in ("ipro", "grpo", "sft")
+    if preset.startswith("wan-vace"):
+        assert cfg.model.reference_images > 0
