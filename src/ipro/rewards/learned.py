@@ -317,19 +317,15 @@ def outcome_probs(d: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.stack([pa, pb, (1 - pa - pb).clamp_min(0)], -1)
 
 
-class IdentityRewardModel(nn.Module):
-    """Frame features -> identity-consistency score, with its tie margin and the
-    statistics it was trained with. Save/load as a folder: reward_model.json + model.safetensors."""
+class PreferenceModel(nn.Module):
+    """What every reward-model backbone has: its settings (saved in reward_model.json),
+    the Rao-Kupper tie margin tau, the normalization of its scores and its metrics."""
 
-    backbone = "faces"
+    backbone = ""
 
-    def __init__(self, num_frames: int = 8, recognizer: str = "dlib", width: int = 32, layers: int = 2,
-                 heads: int = 2, dropout: float = 0.1) -> None:
+    def __init__(self, settings: dict) -> None:
         super().__init__()
-        self.settings = {"num_frames": num_frames, "recognizer": recognizer, "width": width, "layers": layers, "heads": heads, "dropout": dropout}
-        self.head = TemporalHead(len(FEATURES), width, layers, heads, dropout)
-        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
-        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+        self.settings = settings
         self.tie_raw = nn.Parameter(torch.tensor(0.5))  # tau = softplus(tie_raw)
         self.normalization = Normalization()
         self.metrics: dict = {}
@@ -341,6 +337,20 @@ class IdentityRewardModel(nn.Module):
     @property
     def tau(self) -> torch.Tensor:
         return F.softplus(self.tie_raw) + 1e-4
+
+
+class IdentityRewardModel(PreferenceModel):
+    """Frame features -> identity-consistency score, with its tie margin and the
+    statistics it was trained with. Save/load as a folder: reward_model.json + model.safetensors."""
+
+    backbone = "faces"
+
+    def __init__(self, num_frames: int = 8, recognizer: str = "dlib", width: int = 32, layers: int = 2,
+                 heads: int = 2, dropout: float = 0.1) -> None:
+        super().__init__({"num_frames": num_frames, "recognizer": recognizer, "width": width, "layers": layers, "heads": heads, "dropout": dropout})
+        self.head = TemporalHead(len(FEATURES), width, layers, heads, dropout)
+        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
+        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
 
     def set_feature_stats(self, features: torch.Tensor) -> None:
         """Standardize with the mean/std of (V, N, D) training features, ignoring NaN."""
@@ -624,6 +634,7 @@ __all__ = [
     "FaceFeatureExtractor",
     "IdentityRewardModel",
     "LearnedIdentityReward",
+    "PreferenceModel",
     "RewardModelTrainConfig",
     "TemporalHead",
     "evaluate_files",

@@ -24,7 +24,7 @@ from torch import nn
 
 from ipro.errors import IproError
 from ipro.rewards.base import Normalization, Reward, RewardBatch, RewardOutput, finish
-from ipro.rewards.learned import FORMAT, _to_tensor, rao_kupper_nll, read_meta, sample_frames
+from ipro.rewards.learned import FORMAT, PreferenceModel, _to_tensor, rao_kupper_nll, read_meta, sample_frames
 
 PROMPT = (
     "The first images show the reference people; the next images are frames of a generated video. "
@@ -62,7 +62,7 @@ def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
     return x.reshape(k * gh * gw, c * t * p * p), [1, gh, gw]
 
 
-class VlmRewardModel(nn.Module):
+class VlmRewardModel(PreferenceModel):
     """A Qwen2-VL / Qwen2.5-VL model with LoRA and a scalar value head on the last
     token's hidden state. Each frame and reference is resized to `image_size` squared
     (a multiple of patch_size x merge_size, 28 for Qwen)."""
@@ -71,7 +71,6 @@ class VlmRewardModel(nn.Module):
 
     def __init__(self, path: str | Path, num_frames: int = 8, lora_rank: int = 16, image_size: int = 224,
                  device="cpu", dtype: torch.dtype = torch.float32, adapter: str | Path | None = None) -> None:
-        super().__init__()
         path = Path(path).expanduser()
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -82,6 +81,7 @@ class VlmRewardModel(nn.Module):
         model_type = json.loads(config_file.read_text()).get("model_type")
         if model_type not in FAMILIES:
             raise IproError(f"{config_file}: model_type {model_type!r} is not supported; use a Qwen2-VL or Qwen2.5-VL checkpoint")
+        super().__init__({"path": str(path), "num_frames": num_frames, "lora_rank": lora_rank, "image_size": image_size})
         self.vision = vision_settings(path)
         window = self.vision["patch_size"] * self.vision["merge_size"]
         if image_size % window:
@@ -104,19 +104,7 @@ class VlmRewardModel(nn.Module):
             self.vlm = base.requires_grad_(False)
         self.token_ids = {k: int(getattr(base.config, f"{k}_token_id")) for k in ("image", "vision_start", "vision_end")}
         self.value_head = nn.Linear(_text_hidden_size(base.config), 1, dtype=torch.float32)
-        self.tie_raw = nn.Parameter(torch.tensor(0.5))
-        self.settings = {"path": str(path), "num_frames": num_frames, "lora_rank": lora_rank, "image_size": image_size}
-        self.normalization = Normalization()
-        self.metrics: dict = {}
         self.to(device)
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.settings["num_frames"])
-
-    @property
-    def tau(self) -> torch.Tensor:
-        return F.softplus(self.tie_raw) + 1e-4
 
     @property
     def device(self) -> torch.device:
