@@ -108,3 +108,14 @@ def test_bad_inputs_give_one_line_errors(tiny, images, tmp_path, args, message):
 def test_wan22_needs_multiples_of_32(tiny, images, tmp_path):
     result = run(images[0], "--model", tiny["wan2.2-ti2v"], "--num-frames", 5, "--height", 48, "--width", 64, "--out", tmp_path)
     assert isinstance(result.exception, IproError) and "multiple of 32" in str(result.exception)
+
+
+def test_builtin_model_with_its_own_defaults(images, tmp_path):
+    """`--model builtin` without size options: the embedded model's 9 frames at its
+    128x160 area (carphone's 176x144 aspect kept, multiples of 8), not Wan's 81 at 480p."""
+    result = run(images[1], "--model", "builtin", "--out", tmp_path)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    frames, _ = read_video(tmp_path / "carphone.mp4")
+    assert frames.shape == (9, 128, 152, 3)
+    settings = json.loads((tmp_path / "carphone.json").read_text())
+    assert settings["family"] == "pixel-i2v" and settings["steps"] == 4

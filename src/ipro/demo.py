@@ -255,7 +255,7 @@ def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations:
     from ipro.data.prepare import load_config as prepare_config
     from ipro.data.prepare import prepare
     from ipro.eval import Evaluator, evaluate
-    from ipro.train.trainer import resolve_model_path
+    from ipro.models import resolve_model_path
 
     out = Path(out)
     t0 = time.perf_counter()

@@ -19,8 +19,6 @@ from ipro import __version__
 from ipro.cli.main import app
 from ipro.errors import IproError
 
-MAX_AREA = 480 * 832  # default output area (Wan's 480p), keeping the image's aspect ratio
-
 
 def read_prompts(prompt: str | None, prompts_file: Path | None, num_images: int) -> list[str]:
     """One prompt per image from --prompt or --prompts (one line for all, or one line per image)."""
@@ -40,7 +38,7 @@ def read_prompts(prompt: str | None, prompts_file: Path | None, num_images: int)
     return lines
 
 
-def default_size(image_hw: tuple[int, int], multiple: int, max_area: int = MAX_AREA) -> tuple[int, int]:
+def default_size(image_hw: tuple[int, int], multiple: int, max_area: int) -> tuple[int, int]:
     """The image's aspect ratio at no more than max_area pixels, rounded to the model's multiple."""
     h, w = image_hw
     scale = min(1.0, math.sqrt(max_area / (h * w)))
@@ -65,7 +63,7 @@ def output_names(images: list[Path]) -> list[str]:
 @app.command("generate")
 def generate(
     images: list[Path] = typer.Argument(..., help="First-frame images; one video per image."),
-    model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B)."),
+    model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B, Wan VACE), or 'builtin' for the embedded CPU model."),
     out: Path = typer.Option(..., "--out", help="Folder for the .mp4 files and their .json settings."),
     prompt: str = typer.Option(None, "--prompt", help="One prompt for every image."),
     prompts: Path = typer.Option(None, "--prompts", help="Text file: one line for all images, or one line per image."),
@@ -75,8 +73,8 @@ def generate(
     family: str = typer.Option(None, "--family", help="Model family; detected from model_index.json by default."),
     reference: list[Path] = typer.Option([], "--reference", help="Reference image of a person, for every video (repeatable; Wan VACE only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first video; video i uses seed + i."),
-    num_frames: int = typer.Option(81, "--num-frames", help="Frames per video: 4k+1 (81 = 5 s at 16 fps)."),
-    height: int = typer.Option(None, "--height", help="Output height (with --width); default: the image's aspect at 480p area."),
+    num_frames: int = typer.Option(None, "--num-frames", help="Frames per video: 4k+1 (default: the model's, 81 = 5 s at 16 fps for Wan)."),
+    height: int = typer.Option(None, "--height", help="Output height (with --width); default: the image's aspect at the model's area (480p for Wan)."),
     width: int = typer.Option(None, "--width", help="Output width (with --height)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps (default: the model's, 4 with --lightning)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the model's; 1 disables)."),
@@ -89,7 +87,7 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ipro.data.video import read_image, write_video
-    from ipro.models import FAMILIES, detect_family, load_model
+    from ipro.models import FAMILIES, detect_family, load_model, resolve_model_path
     from ipro.sampling import sample
 
     # Everything that can be checked without loading weights is checked first.
@@ -99,12 +97,14 @@ def generate(
     all_prompts = read_prompts(prompt, prompts, len(images))
     if (height is None) != (width is None):
         raise IproError("--height and --width: pass both or neither")
+    model = resolve_model_path(model, out)
     family = family or detect_family(model)
     if family not in FAMILIES:
         raise IproError(f"--family {family!r}: unknown; use one of {', '.join(FAMILIES)}")
     family_cls = FAMILIES[family]
+    num_frames = num_frames or family_cls.default_num_frames
     if height is None:
-        height, width = default_size(read_image(images[0]).shape[:2], family_cls.pixel_multiple())
+        height, width = default_size(read_image(images[0]).shape[:2], family_cls.pixel_multiple(), family_cls.default_area)
     family_cls.check_shape(num_frames, height, width)
     for path in reference:
         if not path.is_file():

@@ -7,7 +7,7 @@
 A new family is one module with a `@register_family` subclass of `VideoModel`, imported below.
 """
 
-from ipro.models.base import FAMILIES, Condition, VideoModel, detect_family, load_model, register_family
+from ipro.models.base import FAMILIES, Condition, VideoModel, detect_family, load_model, register_family, resolve_model_path
 from ipro.models import wan  # noqa: F401  (registers the Wan families)
 from ipro.models import wan_vace  # noqa: F401  (registers Wan VACE, reference-to-video)
 from ipro.models import pixel  # noqa: F401  (registers the pixel-space base model family)
@@ -23,4 +23,5 @@ __all__ = [
     "detect_family",
     "load_model",
     "register_family",
+    "resolve_model_path",
 ]

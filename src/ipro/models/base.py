@@ -97,6 +97,10 @@ class VideoModel:
     default_steps: int = 50
     default_guidance: float = 5.0
     default_sigmas: list[float] | None = None  # unshifted custom sigmas (the scheduler shifts them)
+    # Video size `ipro generate` uses when none is given: frames, and pixels per frame (the
+    # input's aspect ratio is kept). Wan's 480p, 5 s at 16 fps.
+    default_num_frames: int = 81
+    default_area: int = 480 * 832
 
     # Reference-to-video families (Wan VACE) take reference images of the people besides
     # the first frame; how many per video is fixed when the model is loaded.
@@ -329,6 +333,28 @@ def detect_family(path: str | Path) -> str:
         f"{Path(path) / 'model_index.json'}: pipeline {model_index.get('_class_name')!r} is not a supported model "
         f"family; pass --family with one of {', '.join(FAMILIES)}"
     )
+
+
+def resolve_model_path(path: str | Path, cache_dir: str | Path) -> Path:
+    """A model folder from what users write: a path, 'builtin' (the embedded base model), or
+    'tiny:<family>', which builds a random-weight tiny model (tests, CPU smoke runs) once
+    under cache_dir."""
+    path = str(path)
+    if path.startswith("tiny:"):
+        from ipro.models.tiny import build_tiny
+
+        family = path.split(":", 1)[1]
+        target = Path(cache_dir) / f"tiny-{family}"
+        if not (target / "model_index.json").is_file():
+            build_tiny(family, target, seed=0)
+        return target
+    if path == "builtin":
+        from ipro.models.pixel import BUILTIN_PATH
+
+        if not (BUILTIN_PATH / "model_index.json").is_file():
+            raise IproError(f"{BUILTIN_PATH}: the embedded base model is missing; reinstall ipro or run scripts/train_base_model.py")
+        return BUILTIN_PATH
+    return Path(path)
 
 
 def load_model(path: str | Path, family: str | None = None, **options) -> VideoModel:

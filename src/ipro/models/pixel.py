@@ -119,6 +119,8 @@ class PixelI2V(VideoModel):
     latent_channels = CHANNELS
     default_steps = 4  # measured: 4 steps keep faces detectable more often than 8 (see MODEL_CARD.md)
     default_guidance = 1.0
+    default_num_frames = 9  # what it was trained at
+    default_area = 128 * 160
 
     # --- Loading and saving ----------------------------------------------------------------
 

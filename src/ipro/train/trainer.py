@@ -328,29 +328,9 @@ class Trainer:
         return paths
 
 
-def resolve_model_path(path: str, cache_dir: Path) -> Path:
-    """'tiny:<family>' builds a random-weight tiny model (tests, CPU smoke runs) once."""
-    if path.startswith("tiny:"):
-        from ipro.models.tiny import build_tiny
-
-        family = path.split(":", 1)[1]
-        target = cache_dir / f"tiny-{family}"
-        if not (target / "model_index.json").is_file():
-            build_tiny(family, target, seed=0)
-        return target
-    if path == "builtin":
-        from ipro.models.pixel import BUILTIN_PATH
-
-        if not (BUILTIN_PATH / "model_index.json").is_file():
-            raise IproError(f"{BUILTIN_PATH}: the embedded base model is missing; reinstall ipro or run scripts/train_base_model.py")
-        return BUILTIN_PATH
-    return Path(path)
-
-
 def load_for_training(m, cache_dir: Path, device):
     """A `VideoModel` ready to fine-tune, from the `model` section of the config."""
-    from ipro.models import load_model
-    from ipro.models.base import FAMILIES, detect_family
+    from ipro.models import FAMILIES, detect_family, load_model, resolve_model_path
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
     path = resolve_model_path(m.path, cache_dir)
