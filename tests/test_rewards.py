@@ -216,6 +216,31 @@ def test_unmatched_faces_ignore_or_penalize(embedder, two_people, carphone_pool)
     assert penalize.raw.item() == pytest.approx(ignore.raw.item() / 2, abs=1e-4)
 
 
+def test_a_person_who_vanishes_is_missing_and_penalized(embedder, two_people):
+    """Two people in the input; from frame 4 the woman's half is blank. Ignored, the
+    man's faces alone keep the reward; penalized, each of those 5 frames averages his
+    value with a 0 for her."""
+    man, woman = two_people
+    gt = tile(man, woman)[None]
+    gone = gt.clone()
+    gone[0, 4:, :, :, gt.shape[-1] // 2 :] = 0.5
+    batch = RewardBatch(gt_frames=gt)
+    full = FaceIdentityReward(embedder)(gt, batch)
+    ignore = FaceIdentityReward(embedder)(gone, batch)
+    penalize = FaceIdentityReward(embedder, unmatched="penalize")(gone, batch)
+    assert full.logs["face/missing_people"] == 0
+    assert ignore.logs["face/missing_people"] == penalize.logs["face/missing_people"] == 5
+    assert ignore.raw.item() > full.raw.item() - 0.01
+    per_frame = ignore.per_frame[0].clone()
+    per_frame[4:] /= 2
+    assert penalize.raw.item() == pytest.approx(per_frame.mean().item(), abs=1e-4)
+    # Aligned mode expects whoever the ground-truth frame shows: blank her there too and
+    # nothing is missing.
+    aligned = FaceIdentityReward(embedder, mode="aligned", unmatched="penalize")
+    assert aligned(gone, RewardBatch(gt_frames=gone)).logs["face/missing_people"] == 0
+    assert aligned(gone, batch).logs["face/missing_people"] == 5
+
+
 def test_no_face_never_crashes(embedder, natural, carphone_pool):
     gray = torch.full((2, 3, 3, 64, 64), 0.5)
     noise = torch.rand(2, 3, 3, 64, 64)

@@ -189,3 +189,14 @@ def test_every_training_preset_validates(preset):
     assert cfg.method in ("ipro", "grpo", "sft")
     if preset.startswith("wan-vace"):
         assert cfg.model.reference_images > 0
+
+
+def test_reward_section_reaches_the_face_reward():
+    from ipro.train.config import load_config
+    from ipro.train.ipro import build_face_reward
+
+    cfg = load_config("configs/tiny-cpu-ipro.yaml", {"reward.unmatched": "penalize", "reward.mode": "aligned"})
+    reward = build_face_reward(cfg.reward, "cpu")
+    assert reward.unmatched == "penalize" and reward.mode == "aligned"
+    with pytest.raises(IproError, match="reward.unmatched"):
+        load_config("configs/tiny-cpu-ipro.yaml", {"reward.unmatched": "drop"})

@@ -19,8 +19,12 @@ Several people: the pool is split by person (`FacePool.identity`, or clustering 
 the pool is computed from `gt_frames`). In each frame, faces are assigned to people by
 Hungarian assignment on cosine to each person's centroid; faces left over (more faces
 than people, or below `match_threshold`) are "unmatched" and either ignored or
-counted with value 0 (`unmatched="penalize"`). A person absent from a frame is not a
-penalty, like a frame without faces. Generated faces are tracked through time by
+counted with value 0 (`unmatched="penalize"`). The same setting counts a person who
+should be in a frame but is not found there as a value of 0, so that two people blending
+into one, or one vanishing, costs reward: expected are the people of the input image
+(pool and reference modes) or of the time-aligned ground-truth frame ("aligned"). A
+frame without any face is not penalized (see "No faces" below). Missing people are
+logged either way. Generated faces are tracked through time by
 position (see `ipro.rewards.tracking`); a track whose per-frame match changes is an
 identity swap, reported in logs and details. With `identity_from="track"` (default)
 each face is scored against the person its track matched most often, so a swap also
@@ -122,7 +126,8 @@ class FaceIdentityReward(Reward):
         frames: which generated frames to score.
         normalization: default: by recognizer (see module docstring).
         no_face: "skip" or the normalized score given to a sample without faces.
-        unmatched: "ignore" faces matched to nobody, or "penalize" them (value 0).
+        unmatched: "ignore" faces matched to nobody and expected people not found, or
+            "penalize" both (value 0).
         identity_from: "track" or "frame" (see module docstring).
         match_threshold: faces below this cosine to every person are unmatched
             (None: every face is matched while people are left).
@@ -179,7 +184,7 @@ class FaceIdentityReward(Reward):
         targets = self._targets(batch, b, steps, num_frames)
 
         k = len(steps)
-        empty = {"raw": None, "per_frame": None, "swaps": 0, "unmatched": 0, "people": 0, "identity_scores": torch.zeros(0)}
+        empty = {"raw": None, "per_frame": None, "swaps": 0, "unmatched": 0, "missing": 0, "people": 0, "identity_scores": torch.zeros(0)}
         results = [self._score_sample(gen, i, k, *targets[i]) if targets[i] is not None else empty for i in range(b)]
         per_frame = torch.full((b, k), float("nan"), device=frames.device)
         id_table = torch.full((b, max((len(r["identity_scores"]) for r in results), default=0)), float("nan"))
@@ -194,6 +199,7 @@ class FaceIdentityReward(Reward):
         logs = {
             f"{n}/faces": float(gen.num_faces),
             f"{n}/unmatched_faces": float(sum(r["unmatched"] for r in results)),
+            f"{n}/missing_people": float(sum(r["missing"] for r in results)),  # person-frames not found
             f"{n}/swaps": float(sum(r["swaps"] for r in results)),
             f"{n}/people": sum(people) / max(1, len(people)),  # mean over samples with someone scored
             f"{n}/no_reference_samples": float(no_reference),
@@ -201,6 +207,7 @@ class FaceIdentityReward(Reward):
         details = {
             f"{n}/swaps": torch.tensor([r["swaps"] for r in results]),
             f"{n}/unmatched": torch.tensor([r["unmatched"] for r in results]),
+            f"{n}/missing": torch.tensor([r["missing"] for r in results]),
             f"{n}/identity_scores": id_table,  # (B, people) mean value per person, NaN if not scored
         }
         raws = [r["raw"] for r in results]
@@ -229,7 +236,8 @@ class FaceIdentityReward(Reward):
     def _targets(self, batch: RewardBatch, b: int, steps: torch.Tensor, num_frames: int):
         """Per sample: None (nothing to compare with) or (centroids (P, D) for
         assignment, targets (T, P, D) mean reference embedding per person, available
-        (T, P)); T is 1, or one entry per scored frame in "aligned" mode."""
+        (T, P), expected (T, P): who should be in the frame); T is 1, or one entry per
+        scored frame in "aligned" mode."""
         device = steps.device
         if self.mode == "reference" and batch.reference_frames is not None:
             with torch.no_grad():
@@ -239,7 +247,7 @@ class FaceIdentityReward(Reward):
                 emb = ref.embeddings[ref.sample == i].float()
                 # Each face of the input image is one person.
                 everyone = torch.ones(1, len(emb), dtype=torch.bool, device=emb.device)
-                out.append((emb, emb[None], everyone) if len(emb) else None)
+                out.append((emb, emb[None], everyone, everyone) if len(emb) else None)
             return out
 
         pools = self._pools(batch, b)
@@ -264,21 +272,23 @@ class FaceIdentityReward(Reward):
                 if not keep.any():  # the only faces are in frame 0: use them rather than nothing
                     keep = torch.ones_like(keep)
                 mean, avail = _mean_by(emb[keep], ident[keep], people)
-                out.append((centroids, mean[None], avail[None]))
+                on_input = _mean_by(emb[frame == 0], ident[frame == 0], people)[1]
+                out.append((centroids, mean[None], avail[None], on_input[None]))
             elif self.mode == "reference":  # the input image is ground-truth frame 0
                 mean, avail = _mean_by(emb[frame == 0], ident[frame == 0], people)
-                out.append((centroids, mean[None], avail[None]) if avail.any() else None)
+                out.append((centroids, mean[None], avail[None], avail[None]) if avail.any() else None)
             else:  # aligned: generated frame f <-> ground-truth frame at the same relative time
                 gt_len = max(pool.num_frames, int(frame.max()) + 1)
                 scale = (gt_len - 1) / max(num_frames - 1, 1)
                 gt_step = (steps.float() * scale).round().long()
                 mean, avail = _mean_by(emb, frame * people + ident, gt_len * people)
-                out.append((centroids, mean.view(gt_len, people, -1)[gt_step], avail.view(gt_len, people)[gt_step]))
+                avail = avail.view(gt_len, people)[gt_step]
+                out.append((centroids, mean.view(gt_len, people, -1)[gt_step], avail, avail))
         return out
 
     # -- scoring ------------------------------------------------------------------
 
-    def _score_sample(self, gen: VideoFaces, sample: int, k: int, centroids, targets, available) -> dict:
+    def _score_sample(self, gen: VideoFaces, sample: int, k: int, centroids, targets, available, expected) -> dict:
         fb = torch.nonzero(gen.sample == sample).flatten()
         emb, step, boxes = gen.embeddings[fb], gen.frame[fb], gen.boxes[fb]
         people = centroids.shape[0]
@@ -306,8 +316,16 @@ class FaceIdentityReward(Reward):
         else:
             counted = comparable
 
+        # Expected people no face of the frame was matched to (in frames that show faces).
+        found = torch.zeros(k, people, dtype=torch.bool, device=step.device)
+        found[step[matched], person[matched]] = True
+        shows_faces = torch.bincount(step, minlength=k) > 0
+        missing = expected.to(step.device).expand(k, people) & ~found & shows_faces[:, None]
+
         sums = value.new_zeros(k).index_add(0, step[counted], value[counted])
         counts = torch.bincount(step[counted], minlength=k)
+        if self.unmatched == "penalize":
+            counts = counts + missing.sum(1)  # each adds a value of 0
         per_frame = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
         id_scores = torch.full((people,), float("nan"))
         for q in person[comparable].unique().tolist():
@@ -317,6 +335,7 @@ class FaceIdentityReward(Reward):
             "per_frame": per_frame,
             "swaps": swaps,
             "unmatched": int((~matched).sum()),
+            "missing": int(missing.sum()),
             "people": int(person[comparable].unique().numel()),
             "identity_scores": id_scores,
         }

@@ -81,6 +81,9 @@ class RewardConfig(Section):
     max_frames: int | None = Field(None, ge=1, description="Score at most this many frames (evenly spaced).")
     exclude_first_frame: bool = Field(False, description="Pool mode: leave ground-truth frame 0 (the input image) out of the pool.")
     no_face: Literal["zero", "skip"] = Field("skip", description="A sample without any face: reward 0, or leave it out of the mean.")
+    unmatched: Literal["ignore", "penalize"] = Field(
+        "ignore", description="Several people: 'penalize' counts a face matched to nobody, and a person of the input image "
+        "not found in a frame (two people blended into one, or one gone), as a value of 0; 'ignore' leaves both out.")
     feature_encoder: str | None = Field(None, description="kind=feature: local transformers checkpoint of an image encoder (CLIP/DINO).")
 
 

@@ -36,7 +36,7 @@ def build_face_reward(rc, device):
     norm = Normalization(rc.norm_mean if rc.norm_mean is not None else norm.mean, rc.norm_std if rc.norm_std is not None else norm.std)
     return FaceIdentityReward(
         embedder, mode=rc.mode, frames=frames, normalization=norm,
-        no_face="skip" if rc.no_face == "skip" else 0.0, pool_skip_first=rc.exclude_first_frame,
+        no_face="skip" if rc.no_face == "skip" else 0.0, unmatched=rc.unmatched, pool_skip_first=rc.exclude_first_frame,
     )
 
 
