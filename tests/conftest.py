@@ -37,7 +37,7 @@ def astronaut() -> np.ndarray:
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0
+    t = torch.from_numpy(np.array(frames, copy=True)).float() / 255.0
     return t.movedim(-1, -3)
 
 

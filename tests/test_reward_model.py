@@ -219,8 +219,8 @@ def test_grpo_uses_the_learned_reward(model, tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    """`ipro reward-model ...` (through the module until the command is registered in main)."""
-    return [sys.executable, "-m", "ipro.cli.reward_model", "reward-model", *args]
+    """`ipro reward-model ...` through the installed console script."""
+    return [IPRO, "reward-model", *args]
 
 
 def test_cli_pairs_train_eval_score(tmp_path, pairs_dir):

@@ -186,9 +186,3 @@ def score_command(
             typer.echo(json.dumps({"video": str(video), "score": round(score, 4), "raw": round(raw, 4)}))
         else:
             typer.echo(f"{score:+.3f}  {video}")
-
-
-if __name__ == "__main__":  # `python -m ipro.cli.reward_model reward-model ...` before it is registered in main
-    from ipro.cli.main import main
-
-    main()
