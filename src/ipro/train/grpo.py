@@ -119,7 +119,8 @@ class GRPOTrainer(Trainer):
         meta = read_meta(g.reward_model)
         face = build_face_reward(self.config.reward, dev) if g.face_reward_weight > 0 else None
         if meta["backbone"] == "vlm":
-            learned = VlmIdentityReward(VlmRewardModel.load(g.reward_model, device=dev))
+            vlm = VlmRewardModel.load(g.reward_model, device=dev, dtype=getattr(torch, self.config.model.dtype))  # the policy's dtype
+            learned = VlmIdentityReward(vlm)
         else:
             # One face detector/recognizer in memory when both rewards use the same one; the
             # reward section's recognizer is also how an ArcFace-trained model finds its weights.

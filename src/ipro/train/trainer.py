@@ -332,7 +332,7 @@ def load_for_training(m, cache_dir: Path, device):
     """A `VideoModel` ready to fine-tune, from the `model` section of the config."""
     from ipro.models import FAMILIES, detect_family, load_model, resolve_model_path
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[m.dtype]
+    dtype = getattr(torch, m.dtype)  # the config allows float32, bfloat16, float16
     path = resolve_model_path(m.path, cache_dir)
     family = detect_family(path) if m.family == "auto" else m.family
     references = {}
