@@ -103,6 +103,7 @@ class VlmRewardModel(PreferenceModel):
         else:
             self.vlm = base.requires_grad_(False)
         self.token_ids = {k: int(getattr(base.config, f"{k}_token_id")) for k in ("image", "vision_start", "vision_end")}
+        self.weights_dtype = dtype  # the VLM's; LoRA, the head and the scores stay float32
         self.value_head = nn.Linear(_text_hidden_size(base.config), 1, dtype=torch.float32)
         self.to(device)
 
@@ -141,8 +142,7 @@ class VlmRewardModel(PreferenceModel):
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids], device=self.device)
-        dtype = next(self.vlm.parameters()).dtype
-        out = self.vlm(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(rows).to(dtype),
+        out = self.vlm(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(rows).to(self.weights_dtype),
                        image_grid_thw=torch.tensor(grids, device=self.device), output_hidden_states=True)
         return self.value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
 
