@@ -96,7 +96,7 @@ def write_footage(root: Path) -> tuple[Path, Path]:
 @torch.no_grad()
 def generate(model_path: Path, lora: Path | None, inputs: Path, out: Path, steps: int) -> Path:
     """One video per held-out item (name_sSEED.png, animated with SEED), written as name_sSEED.mp4."""
-    from ipro.data.video import read_image
+    from ipro.data.video import read_image, to_tensor
     from ipro.models import load_model
     from ipro.sampling import sample
 
@@ -104,7 +104,7 @@ def generate(model_path: Path, lora: Path | None, inputs: Path, out: Path, steps
     for image_path in sorted(inputs.glob("*.png")):
         if (out / f"{image_path.stem}.mp4").is_file():
             continue
-        image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1).float().div(255)[None]
+        image = to_tensor(read_image(image_path))[None]
         cond = model.prepare_condition(image, ["a person talking"], NUM_FRAMES, HEIGHT, WIDTH)
         rollout = sample(model, cond, num_steps=steps, seed=seed_of(image_path.stem))
         video = (model.decode(rollout.latents)[0] * 255).round().clamp(0, 255).to(torch.uint8)

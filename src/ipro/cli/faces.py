@@ -15,7 +15,7 @@ import torch
 import typer
 
 from ipro.cli.main import app
-from ipro.data.video import read_media
+from ipro.data.video import read_media, to_tensor
 
 
 def embed_media(embedder, path: Path, stride: int, max_frames: int | None, chunk: int = 32):
@@ -26,7 +26,7 @@ def embed_media(embedder, path: Path, stride: int, max_frames: int | None, chunk
     results = []
     with torch.no_grad():
         for i in range(0, len(frames), chunk):
-            video = torch.from_numpy(frames[i : i + chunk]).permute(0, 3, 1, 2).float().div(255)[None]
+            video = to_tensor(frames[i : i + chunk])[None]
             results.append(embedder(video))
     return indices, results
 

@@ -17,6 +17,7 @@ import typer
 
 from ipro import __version__
 from ipro.cli.main import app
+from ipro.data.video import to_tensor
 from ipro.errors import IproError
 
 
@@ -50,7 +51,7 @@ def fit_image(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     fitted = ImageOps.fit(Image.fromarray(image), (width, height), method=Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1).float() / 255.0
+    return to_tensor(np.asarray(fitted))
 
 
 def output_names(images: list[Path]) -> list[str]:
@@ -119,7 +120,7 @@ def generate(
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     extra = {"num_reference_images": len(reference)} if reference else {}
     vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning, **extra)
-    refs = [torch.from_numpy(read_image(p).copy()).permute(2, 0, 1).float() / 255.0 for p in reference]
+    refs = [to_tensor(read_image(p)) for p in reference]
     fps = fps or vm.fps
     names = output_names(images)
     out.mkdir(parents=True, exist_ok=True)

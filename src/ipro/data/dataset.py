@@ -9,17 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ipro.data.pool import FacePool, load_pool
-from ipro.data.video import read_image, read_video
+from ipro.data.video import read_image, read_video, to_tensor
 from ipro.errors import IproError
-
-
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
@@ -70,14 +64,14 @@ class CuratedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
-        image = _to_tensor(read_image(self.out_dir / row["first_frame"]))
+        image = to_tensor(read_image(self.out_dir / row["first_frame"]))
         item = {"id": row["id"], "image": _resize(image, self.size), "caption": row["caption"], "pool": load_pool(self.out_dir / row["pool"])}
         if self.references:
             side = min(self.size) if self.size else min(image.shape[-2:])
             item["references"] = reference_crops(image, item["pool"], self.references, side)
         if self.load_clip:
             clip, _ = read_video(self.out_dir / row["clip"], max_frames=self.frames)
-            item["clip"] = _resize(_to_tensor(clip), self.size)
+            item["clip"] = _resize(to_tensor(clip), self.size)
         return item
 
 
@@ -105,8 +99,10 @@ def reference_crops(image: torch.Tensor, pool: FacePool, count: int, side: int, 
     h, w = image.shape[-2:]
     crops = []
     for person in range(pool.num_people):
+        if len(crops) == count:
+            break
         on_first = (pool.identity == person) & (pool.frame == 0)
-        if not on_first.any() or len(crops) == count:
+        if not on_first.any():
             continue
         x0, y0, x1, y1 = pool.boxes[on_first][pool.scores[on_first].argmax()].tolist()
         half = min(margin * max(x1 - x0, y1 - y0), h, w) / 2

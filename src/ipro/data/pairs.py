@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ipro.data.video import to_tensor
 from ipro.errors import IproError
 
 LABELS = ("a", "b", "tie")
@@ -171,14 +172,12 @@ class Donor:
 
 def detect_donors(images: dict[str, np.ndarray], embedder=None) -> list[Donor]:
     """The largest face of each image as a donor; images without a face are skipped."""
-    import torch
-
     from ipro.faces.embedder import FaceEmbedder
 
     embedder = embedder or FaceEmbedder()
     donors = []
     for name, img in images.items():
-        x = torch.from_numpy(np.ascontiguousarray(img)).float().div(255).permute(2, 0, 1)[None]
+        x = to_tensor(img)[None]
         (det,) = embedder.detect(x)
         if len(det):
             size = (det.boxes[:, 2:] - det.boxes[:, :2]).prod(1)

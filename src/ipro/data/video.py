@@ -60,6 +60,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise IproError(f"{path}: not a readable image ({e.__class__.__name__}); use PNG or JPEG") from None
 
 
+def to_tensor(frames: np.ndarray):
+    """uint8 pixels (..., H, W, 3) -> float32 torch tensor (..., 3, H, W) in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
+
+
 def write_image(path: str | Path, image: np.ndarray) -> None:
     from PIL import Image
 

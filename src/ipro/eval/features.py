@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ipro.data.video import to_tensor
 from ipro.errors import IproError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -56,7 +57,7 @@ class FrameEncoder:
         self.batch_size = batch_size
 
     def _prepare(self, frames: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+        x = to_tensor(frames)
         h, w = x.shape[-2:]
         scale = self.size / min(h, w)
         x = F.interpolate(x, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))), mode="bicubic", antialias=True)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ipro.data.video import to_tensor
 from ipro.faces.align import ARCFACE_TEMPLATE_112, similarity_transform, warp_faces
 
 RIGID_EXPRESSION = 0.04  # landmark residual, in inter-ocular distances
@@ -72,7 +73,7 @@ def rigid_face(frames: np.ndarray, faces, main_face: dict[int, int]) -> dict:
     iod = max(float(torch.linalg.norm(lm[0, 1] - lm[0, 0])), 1.0)
     residual = (mapped - lm[0]).norm(dim=-1).mean(-1) / iod
     # Chips aligned by each frame's own landmarks, gray, compared to the first chip.
-    images = torch.from_numpy(np.ascontiguousarray(frames[order])).permute(0, 3, 1, 2).float() / 255.0
+    images = to_tensor(frames[order])
     template = ARCFACE_TEMPLATE_112 * (CHIP / 112)
     chips = warp_faces(images, torch.arange(len(order)), lm, template, CHIP).mean(1).flatten(1)
     chips = chips - chips.mean(1, keepdim=True)

@@ -40,11 +40,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipro.data.video import to_tensor
 from ipro.errors import IproError
 from ipro.rewards.base import (
     Normalization,
@@ -251,7 +251,7 @@ class FaceFeatureExtractor:
 
         def compute() -> dict:
             frames, _ = read_media(path)
-            (faces,) = self.video_faces(_to_tensor(frames)[None])
+            (faces,) = self.video_faces(to_tensor(frames)[None])
             return asdict(faces)
 
         return VideoFaceData(**self._cached(path, f"video{self.num_frames}", compute))
@@ -261,7 +261,7 @@ class FaceFeatureExtractor:
 
         embs, index = [], []
         for k, path in enumerate(paths):
-            emb = self._cached(Path(path), "image", lambda p=Path(path): self.image_faces(_to_tensor(read_image(p))[None])[0])
+            emb = self._cached(Path(path), "image", lambda p=Path(path): self.image_faces(to_tensor(read_image(p))[None])[0])
             embs.append(emb)
             index.append(torch.full((len(emb),), k, dtype=torch.long))
         dim = self.embedder.embedding_dim
@@ -269,11 +269,6 @@ class FaceFeatureExtractor:
 
     def file_features(self, video: str | Path, references: list[str | Path]) -> torch.Tensor:
         return frame_features(self.video_file(video), self.people_files(references))
-
-
-def _to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
 
 
 # --- The model ---------------------------------------------------------------------------

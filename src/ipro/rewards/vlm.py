@@ -22,9 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipro.data.video import to_tensor
 from ipro.errors import IproError
 from ipro.rewards.base import Normalization, Reward, RewardBatch, RewardOutput, finish
-from ipro.rewards.learned import FORMAT, PreferenceModel, _to_tensor, rao_kupper_nll, read_meta, sample_frames
+from ipro.rewards.learned import (
+    FORMAT,
+    PreferenceModel,
+    rao_kupper_nll,
+    read_meta,
+    sample_frames,
+)
 
 PROMPT = (
     "The first images show the reference people; the next images are frames of a generated video. "
@@ -150,8 +157,8 @@ class VlmRewardModel(PreferenceModel):
     def score_files(self, videos: Sequence, references: Sequence) -> list[float]:
         from ipro.data.video import read_image, read_media
 
-        refs = [_to_tensor(read_image(r)) for r in references]
-        return [float(self([refs], [_to_tensor(read_media(v)[0])])) for v in videos]
+        refs = [to_tensor(read_image(r)) for r in references]
+        return [float(self([refs], [to_tensor(read_media(v)[0])])) for v in videos]
 
     def save(self, directory: str | Path) -> Path:
         """adapter/ (a peft LoRA folder for the base checkpoint), head.safetensors and
@@ -212,8 +219,8 @@ def train_vlm_reward_model(model: VlmRewardModel, train_pairs, epochs: int = 1, 
     for _ in range(epochs):
         for k in torch.randperm(len(train_pairs), generator=gen).tolist():
             p = train_pairs[k]
-            refs = [_to_tensor(read_image(r)) for r in p.references]
-            s_a, s_b = model([refs, refs], [_to_tensor(read_media(v)[0]) for v in (p.video_a, p.video_b)])
+            refs = [to_tensor(read_image(r)) for r in p.references]
+            s_a, s_b = model([refs, refs], [to_tensor(read_media(v)[0]) for v in (p.video_a, p.video_b)])
             target = torch.tensor([p.target], device=model.device)
             loss = rao_kupper_nll((s_a - s_b)[None], target, model.tau).mean() * p.weight
             opt.zero_grad()
