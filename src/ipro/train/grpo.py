@@ -211,10 +211,7 @@ class GRPOTrainer(Trainer):
     def step(self) -> dict:
         c = self.config
         acc = self.accelerator
-        t0 = time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self.model.trainable_module.train()
+        t0 = self.begin_step()
         groups = []
         with acc.autocast():
             for micro in range(c.optim.grad_accum):
@@ -245,16 +242,10 @@ class GRPOTrainer(Trainer):
             # The first pass is on-policy (ratio 1); later passes show how far the policy moved.
             logs.update(sums if epoch == 0 else {f"{k}_last_epoch": v for k, v in sums.items() if k in ("ratio", "clip_fraction", "approx_kl")})
             self.apply_update(finite, logs)
-        self.global_step += 1
-        self.samples_seen += c.data.batch_size * c.optim.grad_accum * self.world
         videos = c.data.batch_size * c.grpo.group_size * len(groups)
         logs.update({
-            "lr": self.optimizer.param_groups[0]["lr"],
             "rollout_time_s": rollout_time,
             "update_time_s": time.perf_counter() - t1,
             "videos_per_s": videos / max(rollout_time, 1e-9),
-            "step_time_s": time.perf_counter() - t0,
         })
-        if torch.cuda.is_available():
-            logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return logs
+        return self.end_step(logs, t0)

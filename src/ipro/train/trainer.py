@@ -138,10 +138,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the logged values."""
         c = self.config
         acc = self.accelerator
-        t0 = time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self.model.trainable_module.train()
+        t0 = self.begin_step()
         logs: dict[str, float] = {}
         finite = True
         for micro in range(c.optim.grad_accum):
@@ -156,6 +153,21 @@ class Trainer:
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / c.optim.grad_accum
         self.apply_update(finite, logs)
+        return self.end_step(logs, t0)
+
+    def begin_step(self) -> float:
+        """Start of every method's step: the trainable module in train mode, peak memory
+        counted from here. Returns the start time for `end_step`."""
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.model.trainable_module.train()
+        return t0
+
+    def end_step(self, logs: dict, t0: float) -> dict:
+        """End of every method's step: count the step and its samples, and log lr, step
+        time and peak memory."""
+        c = self.config
         self.global_step += 1
         self.samples_seen += c.data.batch_size * c.optim.grad_accum * self.world
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
