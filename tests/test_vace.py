@@ -205,3 +205,20 @@ def test_generate_with_reference_images(vace, face, reference, tmp_path):
     import json
 
     assert json.loads((tmp_path / "with" / "first.json").read_text())["references"] == [str(tmp_path / "ref.png")]
+
+
+def test_references_without_a_face_on_the_first_frame_are_the_whole_frame(dataset):
+    """A clip whose people all appear later (or a faceless pool) still gets its R references."""
+    import dataclasses
+
+    from ipro.data.dataset import CuratedDataset, reference_crops
+
+    item = CuratedDataset(dataset)[0]
+    image, pool = item["image"], item["pool"]
+    later = dataclasses.replace(pool, frame=pool.frame + 1)
+    refs = reference_crops(image, later, 2, 32)
+    whole = torch.nn.functional.interpolate(image[None], size=(32, 32), mode="bilinear", antialias=True)[0]
+    assert refs.shape == (2, 3, 32, 32)
+    assert float((refs - whole).abs().max()) < 1e-5
+    empty = dataclasses.replace(pool, **{k: getattr(pool, k)[:0] for k in ("embeddings", "frame", "identity", "boxes", "landmarks", "scores")})
+    assert reference_crops(image, empty, 1, 32).shape == (1, 3, 32, 32)
