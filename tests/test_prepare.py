@@ -156,7 +156,9 @@ def test_kept_clip_files(footage_run):
     from ipro.data.video import read_image, read_video
 
     _, out, _, rows = footage_run
-    for r in [r for r in rows if r["kept"]]:
+    kept = [r for r in rows if r["kept"]]
+    assert kept  # the loop below would pass vacuously on an empty selection
+    for r in kept:
         assert read_image(out / r["first_frame"]).shape == (128, 160, 3)
         clip, fps = read_video(out / r["clip"])
         assert clip.shape == (17, 128, 160, 3) and fps == 16

@@ -180,15 +180,40 @@ def test_samples_ema_and_logs(dataset, tmp_path):
     assert sample.name.startswith("step-000002-") and read_video(sample)[0].shape == (9, 128, 160, 3)
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in Path("configs").glob("*.yaml") if not p.name.startswith("prepare")))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAINING_PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("prepare"))
+
+
+def test_training_presets_are_found():
+    # The parametrized test below would pass on an empty list; these presets must be there.
+    for name in ("tiny-cpu-ipro.yaml", "tiny-cpu-grpo.yaml", "wan21-i2v-ipro.yaml", "wan22-5b-ipro.yaml",
+                 "wan22-a14b-ipro.yaml", "wan-vace-grpo.yaml"):
+        assert name in TRAINING_PRESETS
+
+
+@pytest.mark.parametrize("preset", TRAINING_PRESETS)
 def test_every_training_preset_validates(preset):
-    """The GPU presets cannot run here, but their keys and values must pass validation."""
+    """The GPU presets cannot run here, but their keys and values must pass validation, and
+    their video size must be one the preset's model family can generate."""
+    from ipro.models import FAMILIES
     from ipro.train.config import load_config
 
-    cfg = load_config(f"configs/{preset}")
-    assert cfg.method in ("ipro", "grpo", "sft")
-    if preset.startswith("wan-vace"):
+    cfg = load_config(CONFIGS / preset)
+    family = cfg.model.family
+    if family == "auto":
+        by_prefix = {"wan21-i2v": "wan2.1-i2v", "wan22-5b": "wan2.2-ti2v", "wan22-a14b": "wan2.2-i2v-a14b", "wan-vace": "wan-vace"}
+        path = cfg.model.path
+        family = next((f for prefix, f in by_prefix.items() if preset.startswith(prefix)), None)
+        if family is None and path.startswith("tiny:"):
+            family = path.split(":", 1)[1]
+        if family is None and path == "builtin":
+            family = "pixel-i2v"
+    if family is not None and family in FAMILIES:
+        FAMILIES[family].check_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)  # raises IproError if not
+    if preset.startswith(("wan-vace", "phantom")):
         assert cfg.model.reference_images > 0
+    if not preset.startswith("tiny"):  # GPU presets train in bf16 on a local checkpoint
+        assert cfg.model.dtype == "bfloat16" and not cfg.model.path.startswith("tiny:")
 
 
 def test_reward_section_reaches_the_face_reward():
