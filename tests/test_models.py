@@ -251,8 +251,8 @@ def test_bad_shapes_and_options(tiny, face, tmp_path):
 
 
 def test_bfloat16_trains_fp32_adapters_and_decodes_in_fp32(tiny, face):
-    model = load_model(tiny["wan2.2-ti2v"], dtype=torch.bfloat16, finetune="lora", lora_rank=4, vae_tiling=True)
-    assert model.transformer.dtype == torch.bfloat16 and model.vae.dtype == torch.float32 and model.vae.use_tiling
+    model = load_model(tiny["wan2.2-ti2v"], dtype=torch.bfloat16, finetune="lora", lora_rank=4, decode_tile=32)
+    assert model.transformer.dtype == torch.bfloat16 and model.vae.dtype == torch.float32 and model.decode_tile == 32
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     randomize_lora(model)
     cond = model.prepare_condition(face[1], [PROMPT], FRAMES, H, W)

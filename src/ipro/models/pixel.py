@@ -142,7 +142,7 @@ class PixelI2V(VideoModel):
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
         lightning=None,
         gradient_checkpointing: bool = False,
-        **_ignored,  # VAE options of other families (vae_tiling, vae_dtype): there is no VAE
+        **_ignored,  # VAE options of other families (decode_tile, vae_dtype): there is no VAE
     ) -> "PixelI2V":
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 

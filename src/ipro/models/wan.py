@@ -50,6 +50,7 @@ class WanModel(VideoModel):
     """A Wan checkpoint driven through the `VideoModel` interface (see the module docstring)."""
 
     pipeline_class = WanImageToVideoPipeline  # its LoRA loader/saver defines the file format
+    decode_tile: int | None = None  # spatial tile side in pixels for `decode` (None: whole frames)
 
     # --- Loading -------------------------------------------------------------------------
 
@@ -69,7 +70,7 @@ class WanModel(VideoModel):
         lightning_steps: int = 4,
         lightning_shift: float = 5.0,
         gradient_checkpointing: bool = False,
-        vae_tiling: bool = False,
+        decode_tile: int | None = None,
         vae_dtype: torch.dtype = torch.float32,
     ) -> "WanModel":
         """Load a local diffusers folder.
@@ -110,8 +111,11 @@ class WanModel(VideoModel):
         if gradient_checkpointing:
             for transformer in model.transformers:
                 transformer.enable_gradient_checkpointing()
-        if vae_tiling:
-            model.vae.enable_tiling()
+        if decode_tile is not None:
+            from ipro.models.vae_decode import tile_geometry
+
+            tile_geometry(model.vae, decode_tile)  # a bad tile size fails at load, not in the first step
+        model.decode_tile = decode_tile
         return model.to(device)
 
     def __init__(self, pipe):
@@ -420,21 +424,18 @@ class WanModel(VideoModel):
     def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
         """Latents -> (B, F, 3, H, W) in [0, 1], with gradient w.r.t. the latents (VAE frozen).
 
-        frames: only return these output frames. The Wan VAE is causal in time, so this decodes
-        latent frames 0..latent_frame_of(max(frames)) and skips the rest: asking for early frames
-        is cheap, asking for the last frame costs a full decode.
+        frames: only return these output frames. The Wan VAE is causal in time, so latent frames
+        after latent_frame_of(max(frames)) are not decoded: asking for early frames is cheap, the
+        last frame costs a full decode. Under autograd each latent frame (and spatial tile, see
+        `decode_tile`) is one checkpointed node (`ipro.models.vae_decode`), so backward keeps the
+        causal cache, not every activation of every frame.
         """
-        if frames is not None:
-            frames = list(frames)
-            num_frames = (latents.shape[2] - 1) * self.scale_factor_temporal + 1
-            if not frames or min(frames) < 0 or max(frames) >= num_frames:
-                raise ValueError(f"frames must be in [0, {num_frames}), got {frames}")
-            latents = latents[:, :, : self.latent_frame_of(max(frames)) + 1]
+        from ipro.models.vae_decode import decode_wan_vae
+
         z = latents.to(self.vae.dtype)
         mean, inv_std = self._latents_stats(z)
-        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
-        video = (video.float() / 2 + 0.5).clamp(0, 1).transpose(1, 2)
-        return video[:, frames] if frames is not None else video
+        video = decode_wan_vae(self.vae, z / inv_std + mean, frames, tile=self.decode_tile)  # (B, 3, F, H, W) in [-1, 1]
+        return (video.float() / 2 + 0.5).clamp(0, 1).transpose(1, 2)
 
 
 def _listed(model_index: dict, name: str) -> bool:

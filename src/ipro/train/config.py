@@ -35,6 +35,9 @@ class ModelConfig(Section):
     lightning_lora: str | None = Field(None, description="Path of a distilled few-step ('Lightning') LoRA to merge before training; its schedule is used without CFG.")
     init_lora: str | None = Field(None, description="Start from this trained LoRA (a folder or .safetensors) instead of a fresh one.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward to save memory.")
+    decode_tile: int | None = Field(
+        None, gt=0, description="Spatial tile side in pixels for the differentiable VAE decode (a multiple of the VAE's "
+        "spatial factor, at least twice it; tiles overlap by a quarter and are blended); None decodes whole frames.")
     reference_images: int = Field(
         0, ge=0, description="Reference-to-video families (wan-vace): reference images per video, cropped around each "
         "person's face in the first frame (whole frame where fewer people show); 0 conditions on the first frame only.")

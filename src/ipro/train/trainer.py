@@ -364,6 +364,7 @@ def load_for_training(m, cache_dir: Path, device):
         lora_targets=m.lora_targets,
         lightning=m.lightning_lora,
         gradient_checkpointing=m.gradient_checkpointing,
+        decode_tile=m.decode_tile,
         **references,
     )
 
