@@ -39,6 +39,7 @@ def _register() -> None:
     # Each command lives in its own module; importing it adds it to `app`.
     from ipro.cli import eval as eval_cli  # noqa: F401
     from ipro.cli import demo, faces, generate, prepare, reward_model, train  # noqa: F401
+    from ipro.cli import export_lora  # noqa: F401
 
 
 def main() -> None:

@@ -46,6 +46,15 @@ def _lora_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def _lora_source(file: Path):
+    """What `pipe.load_lora_weights` gets: the path (it reads a diffusers file's alpha from its
+    metadata), or our conversion of a ComfyUI / lightx2v file (alpha already folded in)."""
+    from ipro.models.lora_formats import read_lora
+
+    state, metadata = read_lora(file, WanImageToVideoPipeline)
+    return str(file) if metadata is not None else state
+
+
 class WanModel(VideoModel):
     """A Wan checkpoint driven through the `VideoModel` interface (see the module docstring)."""
 
@@ -226,8 +235,12 @@ class WanModel(VideoModel):
         if self.finetune == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            state = self.pipeline_class.lora_state_dict(str(file))
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            from ipro.models.lora_formats import lora_scale, read_lora
+
+            state, metadata = read_lora(file, self.pipeline_class)  # any layout; ComfyUI's alpha folded in
+            # The file's alpha / rank may differ from the trained adapter's: carry it over in lora_B.
+            ratio = lora_scale(metadata) / lora_scale(self.trainable_module.peft_config[ADAPTER].to_dict())
+            state = {k.removeprefix("transformer."): v * ratio if ".lora_B." in k else v for k, v in state.items()}
             try:
                 result = set_peft_model_state_dict(self.trainable_module, state, adapter_name=ADAPTER)
             except RuntimeError as e:
@@ -240,7 +253,7 @@ class WanModel(VideoModel):
         try:
             with warnings.catch_warnings():  # Wan 2.1: diffusers pads the image-attention LoRA with zeros, peft warns
                 warnings.filterwarnings("ignore", message="While injecting the PEFT adapters")
-                self.pipe.load_lora_weights(str(file), adapter_name=ADAPTER, load_into_transformer_2=two_experts)
+                self.pipe.load_lora_weights(_lora_source(file), adapter_name=ADAPTER, load_into_transformer_2=two_experts)
         except (ValueError, KeyError, RuntimeError) as e:
             raise IproError(f"{file}: not a Wan LoRA this model can load ({str(e).splitlines()[0][:200]})") from None
 
@@ -248,7 +261,9 @@ class WanModel(VideoModel):
         """Add a LoRA file's update to `transformer`'s weights (diffusers, original Wan or musubi format)."""
         file = _lora_file(path, what)
         try:
-            state, metadata = self.pipeline_class.lora_state_dict(str(file), return_lora_metadata=True)
+            from ipro.models.lora_formats import read_lora
+
+            state, metadata = read_lora(file, self.pipeline_class)  # diffusers, ComfyUI/lightx2v, original Wan, musubi
             transformer.load_lora_adapter(state, prefix="transformer", adapter_name="merge", metadata=metadata)
         except (ValueError, KeyError, RuntimeError) as e:
             raise IproError(f"{file}: not a Wan LoRA this model can merge ({str(e).splitlines()[0][:200]})") from None
