@@ -209,6 +209,11 @@ class VideoModel:
         """Video (B, 3, F, H, W) in [0, 1] -> normalized latents, without gradient (SFT targets)."""
         raise NotImplementedError
 
+    def release_encoders(self, prompts: list[str], images=()) -> None:
+        """Encode these prompts and first frames (3, H, W) once and keep the results on the CPU,
+        then take the text/image encoders off the accelerator (a trainer calls this once its
+        dataset is known). Families without such encoders do nothing."""
+
     # --- Training ------------------------------------------------------------------------
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

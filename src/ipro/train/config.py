@@ -38,6 +38,9 @@ class ModelConfig(Section):
     decode_tile: int | None = Field(
         None, gt=0, description="Spatial tile side in pixels for the differentiable VAE decode (a multiple of the VAE's "
         "spatial factor, at least twice it; tiles overlap by a quarter and are blended); None decodes whole frames.")
+    offload_frozen_expert: bool = Field(
+        True, description="Two-expert models (Wan 2.2 A14B): keep the expert that is not trained on the CPU and run it "
+        "one block at a time on the accelerator (diffusers group offloading), instead of holding ~28 GB there all step.")
     reference_images: int = Field(
         0, ge=0, description="Reference-to-video families (wan-vace): reference images per video, cropped around each "
         "person's face in the first frame (whole frame where fewer people show); 0 conditions on the first frame only.")

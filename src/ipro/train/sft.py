@@ -15,6 +15,9 @@ class SFTTrainer(Trainer):
     method = "sft"
     needs_clips = True
 
+    def condition_image(self, item: dict) -> torch.Tensor:
+        return item["clip"][0]  # SFT conditions on the clip's own first frame
+
     def compute_loss(self, batch: dict, generator: torch.Generator):
         from ipro.sampling.schedule import flow_schedule
 

@@ -73,6 +73,7 @@ class Trainer:
         self.dataset = dataset if dataset is not None else self.build_dataset()
         if len(self.dataset) == 0:
             raise IproError(f"{c.data.dataset}: the dataset has no kept clips; check `summary.json` from `ipro prepare`")
+        self.release_encoders()
         self.reward = reward if reward is not None else self.build_reward()
 
         params = self.model.trainable_parameters()
@@ -112,6 +113,19 @@ class Trainer:
         return None
 
     needs_clips = False
+
+    def condition_image(self, item: dict) -> torch.Tensor:
+        """The first frame (3, H, W) a step conditions this item on."""
+        return item["image"]
+
+    def release_encoders(self) -> None:
+        """Encode every caption, the default and the negative ("") prompt and every item's first
+        frame now, then move the text/image encoders off the accelerator: a step only reads
+        the cached results (on the CPU, moved to the device per batch)."""
+        d = self.config.data
+        items = (self.dataset[i] for i in range(len(self.dataset)))  # lazily: the model may not need images
+        captions = [row["caption"] or d.default_prompt for row in getattr(self.dataset, "rows", None) or self.dataset]
+        self.model.release_encoders([d.default_prompt, "", *captions], (self.condition_image(item) for item in items))
 
     # --- Data: a seeded permutation per epoch, strided across processes ---------------
 
@@ -365,6 +379,7 @@ def load_for_training(m, cache_dir: Path, device):
         lightning=m.lightning_lora,
         gradient_checkpointing=m.gradient_checkpointing,
         decode_tile=m.decode_tile,
+        offload_frozen_expert=m.offload_frozen_expert,
         **references,
     )
 

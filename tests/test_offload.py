@@ -1,0 +1,168 @@
+"""Nothing on the accelerator that a step does not use: encoders released after their outputs
+are cached, the frozen A14B expert group-offloaded, activation checkpointing on the trained
+expert. On this CPU machine the devices coincide, so the tests count what runs and where
+hooks move weights rather than reading `.device`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipro.models import load_model
+from ipro.sampling import sample
+
+PROMPT = "a man talking on the phone"
+FRAMES, H, W = 9, 64, 64
+
+
+def trainer_config(dataset: Path, out: Path, **overrides):
+    from ipro.train.config import load_config
+
+    base = {
+        "data.dataset": str(dataset), "data.height": 128, "data.width": 160, "data.num_frames": 9,
+        "model.path": "tiny:wan2.1-i2v", "model.lora_rank": 4, "optim.steps": 1, "optim.lr": 1e-3,
+        "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.report_to": [],
+        "run.device": "cpu", "run.seed": 3, "kl.weight": 1.0,
+    }
+    return load_config(overrides={**base, **overrides})
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]  # counted on entry: a checkpoint's recompute stops as soon as it has what backward needs
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def randomize_lora(module: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """peft starts LoRA B at zero; give it weights so the adapter changes outputs and A gets gradient."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def group_offloaded(module: torch.nn.Module) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)  # diffusers' hook registry, if any hook was ever added
+    return registry is not None and "group_offloading" in registry.hooks
+
+
+def lora_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+# --- Encoders ------------------------------------------------------------------------------
+
+
+def test_trainer_caches_encoder_outputs_and_a_step_never_runs_the_encoders(dataset, tmp_path):
+    from ipro.train.ipro import IPROTrainer
+
+    trainer = IPROTrainer(trainer_config(dataset, tmp_path))
+    model = trainer.model
+    encoders = (model.pipe.text_encoder, model.pipe.image_encoder)
+    assert all(p.device.type == "cpu" for e in encoders for p in e.parameters())
+    assert len(model._clip_cache) == len(trainer.dataset)  # every item's first frame, once
+    assert trainer.config.data.default_prompt in model._text_cache and "" in model._text_cache
+    text_calls, image_calls = count_calls(encoders[0]), count_calls(encoders[1])
+
+    batch = trainer.batch_at(0, 0)
+    cached = trainer.condition(batch)
+    trainer.step()
+    assert text_calls[0] == 0 and image_calls[0] == 0  # the step read the caches only
+
+    # The same condition from a model that never cached anything, exactly.
+    fresh = load_model(trainer.output_dir / "tiny-wan2.1-i2v")
+    d = trainer.config.data
+    direct = fresh.prepare_condition(batch["image"], [c or d.default_prompt for c in batch["caption"]], d.num_frames, d.height, d.width)
+    for field in ("prompt_embeds", "negative_prompt_embeds", "image_embeds", "image_latents"):
+        assert torch.equal(getattr(cached, field), getattr(direct, field)), field
+
+    # A prompt and an image nobody cached are still encoded (on the encoders' device).
+    image = torch.rand(1, 3, d.height, d.width, generator=torch.Generator().manual_seed(0))
+    late = model.prepare_condition(image, ["a prompt nobody cached"], d.num_frames, d.height, d.width)
+    direct = fresh.prepare_condition(image, ["a prompt nobody cached"], d.num_frames, d.height, d.width)
+    assert text_calls[0] == 1 and image_calls[0] == 1
+    assert torch.equal(late.prompt_embeds, direct.prompt_embeds) and torch.equal(late.image_embeds, direct.image_embeds)
+
+
+# --- The frozen A14B expert ------------------------------------------------------------------
+
+
+def a14b(tiny, offload: bool, checkpointing: bool = False):
+    torch.manual_seed(0)  # peft draws LoRA A from the global generator
+    model = load_model(tiny["wan2.2-i2v-a14b"], finetune="lora", lora_rank=4, offload_frozen_expert=offload,
+                       gradient_checkpointing=checkpointing)
+    randomize_lora(model.trainable_module)
+    return model
+
+
+def rollout_and_backward(model, face) -> torch.Tensor:
+    cond = model.prepare_condition(face[1], [PROMPT], FRAMES, H, W)
+    # 4 steps from t = 1000: the first runs the high-noise (frozen) expert, the last two train.
+    rollout = sample(model, cond, 4, grad_steps=2, seed=0, guidance_scale=1.0)
+    rollout.latents.square().mean().backward()
+    return rollout.latents.detach()
+
+
+def test_frozen_expert_runs_offloaded_with_identical_outputs(tiny, face, monkeypatch):
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    moves = {"onload": 0, "offload": 0}
+    for name in moves:
+        original = getattr(ModuleGroup, f"{name}_")
+
+        def counted(self, _original=original, _name=name):
+            moves[_name] += 1
+            return _original(self)
+
+        monkeypatch.setattr(ModuleGroup, f"{name}_", counted)
+
+    plain, offloaded = a14b(tiny, offload=False), a14b(tiny, offload=True)
+    frozen = offloaded.frozen_expert
+    assert frozen is offloaded.transformer and frozen is not offloaded.trainable_module
+    assert group_offloaded(frozen) and not group_offloaded(plain.transformer)
+    offloaded.to("cpu")  # moving the model again keeps the hooks (the trainer does this)
+    moves.update(onload=0, offload=0)
+
+    latents_plain, latents_offloaded = rollout_and_backward(plain, face), rollout_and_backward(offloaded, face)
+    assert torch.equal(latents_plain, latents_offloaded)
+    grads_plain, grads_offloaded = lora_grads(plain.trainable_module), lora_grads(offloaded.trainable_module)
+    assert grads_plain.keys() == grads_offloaded.keys() and len(grads_plain) > 0
+    for k in grads_plain:
+        assert torch.equal(grads_plain[k], grads_offloaded[k]), k
+
+    # The frozen expert holds no gradient, and every block it brought in went back out.
+    assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    blocks = len(frozen.blocks) + 1  # one group per block, plus the layers outside the blocks
+    assert moves["onload"] == moves["offload"] == blocks  # one high-noise forward in this rollout
+    assert all(p.device.type == "cpu" for p in frozen.parameters())
+
+
+def test_trainer_offloads_the_frozen_expert_from_the_config(dataset, tmp_path):
+    from ipro.train.sft import SFTTrainer
+
+    trainer = SFTTrainer(trainer_config(dataset, tmp_path, method="sft", **{"model.path": "tiny:wan2.2-i2v-a14b"}))
+    frozen = trainer.model.frozen_expert
+    assert frozen is not None and group_offloaded(frozen)
+    assert trainer.model._offloaded_to == trainer.accelerator.device
+    off = SFTTrainer(trainer_config(dataset, tmp_path / "off", method="sft", **{"model.path": "tiny:wan2.2-i2v-a14b", "model.offload_frozen_expert": False}))
+    assert not group_offloaded(off.model.frozen_expert)
+
+
+# --- Activation checkpointing ----------------------------------------------------------------
+
+
+def test_gradient_checkpointing_recomputes_the_trained_expert_with_the_same_gradients(tiny, face):
+    plain, checkpointed = a14b(tiny, offload=True), a14b(tiny, offload=True, checkpointing=True)
+    assert not plain.trainable_module.gradient_checkpointing and checkpointed.trainable_module.gradient_checkpointing
+    assert not checkpointed.transformer.gradient_checkpointing  # the frozen expert keeps no activations anyway
+    calls = [count_calls(m.trainable_module.blocks[0]) for m in (plain, checkpointed)]
+    latents = [rollout_and_backward(m, face) for m in (plain, checkpointed)]
+    assert torch.equal(latents[0], latents[1])
+    assert calls[1][0] == calls[0][0] + 2  # both gradient steps' block ran again in backward
+    g0, g1 = lora_grads(plain.trainable_module), lora_grads(checkpointed.trainable_module)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7)
