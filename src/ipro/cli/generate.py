@@ -63,7 +63,7 @@ def output_names(images: list[Path]) -> list[str]:
 
 @app.command("generate")
 def generate(
-    images: list[Path] = typer.Argument(..., help="First-frame images; one video per image."),
+    images: list[Path] = typer.Argument(None, help="First-frame images; one video per image. Phantom (no first frame): more reference images of its one video."),
     model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B, Wan VACE), or 'builtin' for the embedded CPU model."),
     out: Path = typer.Option(..., "--out", help="Folder for the .mp4 files and their .json settings."),
     prompt: str = typer.Option(None, "--prompt", help="One prompt for every image."),
@@ -72,7 +72,7 @@ def generate(
     lora: Path = typer.Option(None, "--lora", help="LoRA weights from `ipro train` (file or folder)."),
     lightning: Path = typer.Option(None, "--lightning", help="Distilled few-step LoRA to merge; defaults to its 4-step, no-CFG schedule."),
     family: str = typer.Option(None, "--family", help="Model family; detected from model_index.json by default."),
-    reference: list[Path] = typer.Option([], "--reference", help="Reference image of a person, for every video (repeatable; Wan VACE only)."),
+    reference: list[Path] = typer.Option([], "--reference", help="Reference image of a person, for every video (Wan VACE, Phantom): --reference A.png B.png or --reference A.png --reference B.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first video; video i uses seed + i."),
     num_frames: int = typer.Option(None, "--num-frames", help="Frames per video: 4k+1 (default: the model's, 81 = 5 s at 16 fps for Wan)."),
     height: int = typer.Option(None, "--height", help="Output height (with --width); default: the image's aspect at the model's area (480p for Wan)."),
@@ -92,10 +92,10 @@ def generate(
     from ipro.sampling import sample
 
     # Everything that can be checked without loading weights is checked first.
+    images = list(images or [])
     for path in images:
         if not path.is_file():
             raise IproError(f"{path}: no such image; check the path")
-    all_prompts = read_prompts(prompt, prompts, len(images))
     if (height is None) != (width is None):
         raise IproError("--height and --width: pass both or neither")
     model = resolve_model_path(model, out)
@@ -103,15 +103,26 @@ def generate(
     if family not in FAMILIES:
         raise IproError(f"--family {family!r}: unknown; use one of {', '.join(FAMILIES)}")
     family_cls = FAMILIES[family]
+    # Subject-to-video (Phantom) has no first frame: `--reference A.png B.png` leaves B.png among
+    # the positional images, so every image given is a reference of the one video made.
+    subject_only = not getattr(family_cls, "takes_first_frame", True)
+    if subject_only:
+        reference, images = [*reference, *images], []
+        if not reference:
+            raise IproError(f"--reference: the {family} family makes a video from 1-4 reference images; pass them: --reference A.png B.png")
+    elif not images:
+        raise IproError("IMAGES: pass at least one first-frame image (one video per image)")
+    all_prompts = read_prompts(prompt, prompts, max(len(images), 1))
     num_frames = num_frames or family_cls.default_num_frames
     if height is None:
-        height, width = default_size(read_image(images[0]).shape[:2], family_cls.pixel_multiple(), family_cls.default_area)
+        hw = read_image(images[0]).shape[:2] if images else (480, 832)  # Phantom's default size is landscape 480p
+        height, width = default_size(hw, family_cls.pixel_multiple(), family_cls.default_area)
     family_cls.check_shape(num_frames, height, width)
     for path in reference:
         if not path.is_file():
             raise IproError(f"{path}: no such --reference image; check the path")
     if reference and not family_cls.takes_reference_images:
-        raise IproError(f"--reference: the {family} family takes no reference images; use a Wan VACE checkpoint or drop --reference")
+        raise IproError(f"--reference: the {family} family takes no reference images; use a Wan VACE or Phantom checkpoint or drop --reference")
     for path, name in ((lora, "--lora"), (lightning, "--lightning")):
         if path is not None and not path.exists():
             raise IproError(f"{path}: {name} file not found; check the path")
@@ -122,15 +133,19 @@ def generate(
     vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning, **extra)
     refs = [to_tensor(read_image(p)) for p in reference]
     fps = fps or vm.fps
-    names = output_names(images)
+    names = output_names(images) if images else ["+".join(p.stem for p in reference)]
+    count = len(names)
     out.mkdir(parents=True, exist_ok=True)
 
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress, torch.no_grad():
-        task = progress.add_task("generating", total=len(images))
-        for start in range(0, len(images), batch_size):
-            idx = list(range(start, min(start + batch_size, len(images))))
-            batch = torch.stack([fit_image(read_image(images[i]), height, width) for i in idx])
+        task = progress.add_task("generating", total=count)
+        for start in range(0, count, batch_size):
+            idx = list(range(start, min(start + batch_size, count)))
+            if subject_only:  # no first frame: the model only reads the batch size
+                batch = torch.zeros(len(idx), 3, height, width)
+            else:
+                batch = torch.stack([fit_image(read_image(images[i]), height, width) for i in idx])
             extra = {"reference_images": [refs] * len(idx)} if refs else {}
             cond = vm.prepare_condition(batch, [all_prompts[i] for i in idx], num_frames, height, width, negative_prompt, **extra)
             shape = vm.latent_shape(1, num_frames, height, width)
@@ -143,7 +158,7 @@ def generate(
                 write_video(video_path, frames, fps=fps)
                 settings = {
                     "video": video_path.name,
-                    "image": str(images[i]),
+                    "image": str(images[i]) if images else None,
                     "references": [str(p) for p in reference],
                     "prompt": all_prompts[i],
                     "negative_prompt": negative_prompt,
@@ -163,4 +178,4 @@ def generate(
                 }
                 video_path.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
                 progress.advance(task)
-    typer.echo(f"wrote {len(images)} video(s) to {out}")
+    typer.echo(f"wrote {count} video(s) to {out}")

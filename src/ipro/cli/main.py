@@ -40,6 +40,7 @@ def _register() -> None:
     from ipro.cli import eval as eval_cli  # noqa: F401
     from ipro.cli import demo, faces, generate, prepare, reward_model, train  # noqa: F401
     from ipro.cli import export_lora  # noqa: F401
+    from ipro.cli import convert  # noqa: F401
 
 
 def main() -> None:

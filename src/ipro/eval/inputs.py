@@ -87,15 +87,53 @@ def find_inputs(inputs: str | Path) -> dict[str, EvalItem]:
     return refs
 
 
+def subject_montage(paths: list[Path], height: int = 256) -> np.ndarray:
+    """Reference images side by side at one height, on white: the input image of a video made
+    from references alone (Phantom), so that each reference's face is one person to keep."""
+    from PIL import Image
+
+    tiles = [Image.fromarray(read_image(p)) for p in paths]
+    tiles = [t.resize((max(1, round(t.width * height / t.height)), height), Image.Resampling.LANCZOS) for t in tiles]
+    gap = height // 8
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        canvas.paste(t, (x, 0))
+        x += t.width + gap
+    return np.asarray(canvas)
+
+
+def _subject_only_items(generated: dict[str, Path]) -> dict[str, EvalItem]:
+    """Videos whose `ipro generate` settings have references and no first frame (Phantom):
+    their references, side by side, are their input image."""
+    import json
+
+    items = {}
+    for name, video in generated.items():
+        sidecar = video.with_suffix(".json")
+        try:
+            settings = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        refs = [Path(p) for p in settings.get("references") or []]
+        if settings.get("image") is None and refs:
+            for p in refs:
+                if not p.is_file():
+                    raise IproError(f"{sidecar}: reference image {p} is missing; restore it or regenerate the video")
+            items[name] = EvalItem(name, video, subject_montage(refs), caption=settings.get("prompt") or None)
+    return items
+
+
 def find_items(videos: str | Path, inputs: str | Path) -> tuple[list[EvalItem], list[str]]:
-    """Matched items (sorted by name) and the names of generated videos with no input."""
+    """Matched items (sorted by name) and the names of generated videos with no input.
+    A video made from reference images alone (Phantom) is its own input (see `_subject_only_items`)."""
     videos = Path(videos).expanduser()
     if not videos.is_dir():
         raise IproError(f"{videos}: no such folder of generated videos; check the path (or use --generate)")
     generated = _videos(videos)
     if not generated:
         raise IproError(f"{videos}: no videos (.mp4, .mov, ...) in this folder")
-    refs = find_inputs(inputs)
+    refs = {**find_inputs(inputs), **_subject_only_items(generated)}
     matched = sorted(set(generated) & set(refs))
     if not matched:
         raise IproError(

@@ -10,6 +10,7 @@ A new family is one module with a `@register_family` subclass of `VideoModel`, i
 from ipro.models.base import FAMILIES, Condition, VideoModel, detect_family, load_model, register_family, resolve_model_path
 from ipro.models import wan  # noqa: F401  (registers the Wan families)
 from ipro.models import wan_vace  # noqa: F401  (registers Wan VACE, reference-to-video)
+from ipro.models import phantom  # noqa: F401  (registers Phantom-Wan, subject-to-video)
 from ipro.models import pixel  # noqa: F401  (registers the pixel-space base model family)
 from ipro.models.tiny import TINY_FAMILIES, TINY_REFERENCE_FAMILIES, build_tiny
 

@@ -16,8 +16,8 @@ from ipro.models.base import quiet_loading
 
 # The image-to-video presets (what the shared test fixtures build and run through WanImageToVideoPipeline).
 TINY_FAMILIES = ("wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b")
-# Built on request only: a reference-to-video (VACE) preset, driven by WanVACEPipeline instead.
-TINY_REFERENCE_FAMILIES = ("wan-vace",)
+# Built on request only: reference-to-video presets (VACE, Phantom), driven by WanVACEPipeline / WanPipeline instead.
+TINY_REFERENCE_FAMILIES = ("wan-vace", "phantom")
 
 
 def _tokenizer():
@@ -125,6 +125,8 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
                 transformer_2=_transformer(36, 16, text_dim),
                 boundary_ratio=0.9,
             )
+        elif family == "phantom":  # Phantom-Wan: a plain 16-channel T2V transformer, saved as WanPipeline
+            pipe = WanPipeline(**parts, vae=_vae(16), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=_transformer(16, 16, text_dim))
         else:  # Wan 2.1 VACE: a 16-channel T2V transformer plus a control branch on both blocks
             pipe = WanVACEPipeline(
                 **parts,
@@ -134,4 +136,8 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
             )
     with quiet_loading():
         pipe.save_pretrained(out_dir)
+    if family == "phantom":  # what `ipro convert phantom` writes: the marker that tells Phantom from plain Wan T2V
+        from ipro.models.phantom import mark_phantom
+
+        mark_phantom(out_dir)
     return out_dir

@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = Field("builtin", description="Local diffusers-format folder of a Wan I2V model, or 'builtin' for the embedded small model.")
-    family: Literal["auto", "wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b", "wan-vace", "pixel-i2v"] = Field(
+    family: Literal["auto", "wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b", "wan-vace", "phantom", "pixel-i2v"] = Field(
         "auto", description="Model family (a registry name); 'auto' reads model_index.json.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype (bfloat16 on GPU).")
     lora_rank: int = Field(32, ge=0, description="LoRA rank; 0 means full fine-tuning of the trainable transformer.")
@@ -43,7 +43,8 @@ class ModelConfig(Section):
         "one block at a time on the accelerator (diffusers group offloading), instead of holding ~28 GB there all step.")
     reference_images: int = Field(
         0, ge=0, description="Reference-to-video families (wan-vace): reference images per video, cropped around each "
-        "person's face in the first frame (whole frame where fewer people show); 0 conditions on the first frame only.")
+        "person's face in the first frame (whole frame where fewer people show); 0 conditions on the first frame only. "
+        "phantom (no first frame) takes 1-4, one per person; 0 means 1.")
 
 
 class DataConfig(Section):
