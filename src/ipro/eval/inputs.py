@@ -126,14 +126,16 @@ def _subject_only_items(generated: dict[str, Path]) -> dict[str, EvalItem]:
 
 def find_items(videos: str | Path, inputs: str | Path) -> tuple[list[EvalItem], list[str]]:
     """Matched items (sorted by name) and the names of generated videos with no input.
-    A video made from reference images alone (Phantom) is its own input (see `_subject_only_items`)."""
+    A video made from reference images alone (Phantom) with no input of its name is its own
+    input (see `_subject_only_items`)."""
     videos = Path(videos).expanduser()
     if not videos.is_dir():
         raise IproError(f"{videos}: no such folder of generated videos; check the path (or use --generate)")
     generated = _videos(videos)
     if not generated:
         raise IproError(f"{videos}: no videos (.mp4, .mov, ...) in this folder")
-    refs = {**find_inputs(inputs), **_subject_only_items(generated)}
+    refs = find_inputs(inputs)
+    refs.update(_subject_only_items({name: v for name, v in generated.items() if name not in refs}))
     matched = sorted(set(generated) & set(refs))
     if not matched:
         raise IproError(
