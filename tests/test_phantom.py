@@ -297,14 +297,17 @@ def test_tiny_phantom_trains_and_resumes_exactly(method, dataset, tmp_path):
 
 
 def test_face_reward_runs_on_phantom_rollouts(dataset, tmp_path):
-    """The preset's own reward (the face pool) on Phantom's decoded videos: the random tiny
-    model draws no faces, so the step is a logged no-op, not a crash."""
+    """The presets' own reward (the face pool) on Phantom's decoded videos: the random tiny
+    model draws no faces, so a step is a logged no-op, not a crash."""
     trainer = trainer_for("grpo", dataset, tmp_path, 1)
     batch = trainer.batch_at(0, 0)
     assert batch["references"].shape[:2] == (1, 2)
     rollout = trainer.rollout(batch, torch.Generator().manual_seed(0))
     assert rollout.sde.latents.shape[2] == 3 + 2  # the video's latent frames, then the 2 references
     assert rollout.logs["reward/face/no_face_batch"] == 1.0
+    # IPRO decodes only the frames the face reward scores, through Phantom's decode.
+    logs = trainer_for("ipro", dataset, tmp_path / "ipro", 1).step()
+    assert logs["face_coverage"] == 0.0 and torch.isfinite(torch.as_tensor(logs["loss"]))
 
 
 def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphone, tmp_path):

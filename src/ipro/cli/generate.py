@@ -64,7 +64,7 @@ def output_names(images: list[Path]) -> list[str]:
 @app.command("generate")
 def generate(
     images: list[Path] = typer.Argument(None, help="First-frame images; one video per image. Phantom (no first frame): more reference images of its one video."),
-    model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B, Wan VACE), or 'builtin' for the embedded CPU model."),
+    model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B, Wan VACE, Phantom-Wan), or 'builtin' for the embedded CPU model."),
     out: Path = typer.Option(..., "--out", help="Folder for the .mp4 files and their .json settings."),
     prompt: str = typer.Option(None, "--prompt", help="One prompt for every image."),
     prompts: Path = typer.Option(None, "--prompts", help="Text file: one line for all images, or one line per image."),
