@@ -215,6 +215,8 @@ def test_convert_phantom_checkpoint_equals_the_same_weights_built_in_diffusers(p
     WanPipeline.from_pretrained(phantom).save_pretrained(base)  # a plain Wan T2V folder, no Phantom marker
     with pytest.raises(IproError, match="not a supported model family"):
         detect_family(base)  # the same config as Phantom's: only the converter's marker tells them apart
+    schedule = base / "scheduler" / "scheduler_config.json"
+    schedule.write_text(json.dumps({**json.loads(schedule.read_text()), "shift": 3.0}))  # as Wan's 480p T2V folders
     result = CliRunner().invoke(app, ["convert", "phantom", str(tmp_path / "Phantom-Wan-tiny.pth"), "--base", str(base), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output + repr(result.exception)
 
@@ -228,6 +230,7 @@ def test_convert_phantom_checkpoint_equals_the_same_weights_built_in_diffusers(p
     assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
     model = load_model(tmp_path / "out", num_reference_images=2)
     assert model.family == "phantom" and model.vae is not None
+    assert model.scheduler.config.shift == 5.0 and json.loads(schedule.read_text())["shift"] == 3.0  # Phantom's; base untouched
 
     # Bad input: one line naming the file and what to do.
     bad = dict(original)

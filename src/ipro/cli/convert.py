@@ -4,7 +4,8 @@ Phantom-Wan ships its transformer as one `.pth` state dict in the original Wan l
 (`blocks.0.self_attn.q.weight`, ...), to be used with a Wan 2.1 T2V checkpoint of the same
 size. The converted folder is that T2V folder (text encoder, tokenizer, VAE, scheduler
 hard-linked, or copied where links are impossible) with Phantom's transformer renamed to
-diffusers' `WanTransformer3DModel` names, marked as the `phantom` family in model_index.json.
+diffusers' `WanTransformer3DModel` names, the scheduler's shift set to Phantom's 5, and
+marked as the `phantom` family in model_index.json.
 
 Key mapping (original -> diffusers), per the layouts of Wan's `WanModel` and diffusers'
 `WanTransformer3DModel`:
@@ -32,6 +33,8 @@ import typer
 
 from ipro.cli.main import app
 from ipro.errors import IproError
+
+PHANTOM_SHIFT = 5.0  # Phantom samples subject-to-video with shift 5 at every size (its generate.py)
 
 convert_app = typer.Typer(help="Convert released checkpoints to diffusers-format folders.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
@@ -169,6 +172,12 @@ def convert_phantom(checkpoint: Path, base: Path, out: Path) -> Path:
         (tmp / "transformer").mkdir()
         (tmp / "transformer" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / "transformer" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        scheduler = tmp / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file():  # Wan T2V 480p folders ship shift 3
+            settings = json.loads(scheduler.read_text())
+            settings["flow_shift" if "flow_shift" in settings else "shift"] = PHANTOM_SHIFT
+            scheduler.unlink()  # a link to the base's file: write a new one, not through it
+            scheduler.write_text(json.dumps(settings, indent=2) + "\n")
         mark_phantom(tmp)  # replaces the link to the base's model_index.json with a new file
         os.replace(tmp, out)
     except BaseException:
