@@ -8,6 +8,7 @@ back to the frames' pixels.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,19 @@ from torch import nn
 from ipro.faces.align import warp_faces
 from ipro.faces.recognizer import FaceRecognizer, load_recognizer
 from ipro.faces.types import Detections
+
+
+def _float32(method):
+    """Run a face-model method in float32 outside autocast. Under bf16 mixed precision the
+    recognizer's embeddings drift (cosine 0.9976 to float32 on the same faces), as much as
+    IPRO's whole effect on the demo, so detection, alignment and embedding never use it."""
+
+    @functools.wraps(method)
+    def wrapper(self, video: torch.Tensor, *args, **kwargs):
+        with torch.autocast(video.device.type, enabled=False):
+            return method(self, video.float() if video.dtype in (torch.float16, torch.bfloat16) else video, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -151,6 +165,7 @@ class FaceEmbedder(nn.Module):
         return (video - lo) / (hi - lo)
 
     @torch.no_grad()
+    @_float32
     def detect(self, frames: torch.Tensor, chunk: int = 64, video_length: int | None = None) -> list[Detections]:
         """Detect faces in (N, 3, H, W) frames in [0, 1]; one `Detections` per frame.
 
@@ -178,6 +193,7 @@ class FaceEmbedder(nn.Module):
             out.append(det)
         return out
 
+    @_float32
     def embed(self, video: torch.Tensor, detections: list[Detections]) -> VideoFaces:
         """Align and embed given detections (one per frame, row-major over B, F)."""
         b, f = video.shape[:2]

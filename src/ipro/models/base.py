@@ -193,6 +193,11 @@ class VideoModel:
         """Inside this block `velocity` uses the weights before fine-tuning."""
         yield
 
+    def trained_at(self, t) -> bool:
+        """Whether the trainable weights act at timestep t (False on a frozen expert's steps,
+        which the KL and the GRPO update leave out)."""
+        return True
+
     def impose_first_frame(self, x: torch.Tensor, cond: Condition) -> torch.Tensor:
         """Overwrite the latents that are given rather than generated (identity for most families)."""
         return x

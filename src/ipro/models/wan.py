@@ -89,7 +89,7 @@ class WanModel(VideoModel):
         dtype: transformer and text/image encoders (bf16 on GPU); the VAE stays in `vae_dtype`.
         finetune: None (inference), "lora" (peft LoRA on the trainable expert) or "full".
         lora: LoRA weights to load; with finetune="lora" they initialize the trained adapter (resume).
-        lightning: a distilled few-step LoRA file (one per expert for A14B, or one for both) that is
+        lightning: a distilled few-step LoRA file (A14B: one per expert, high-noise first) that is
             merged into the base weights; sampling then defaults to `lightning_steps` steps with
             `lightning_shift` and no classifier-free guidance.
         gradient_checkpointing: recompute the trained expert's blocks in backward.
@@ -312,13 +312,16 @@ class WanModel(VideoModel):
         transformer.unload_lora()  # the merged weights stay; the adapter layers go
 
     def merge_lightning(self, paths, steps: int = 4, shift: float = 5.0) -> None:
-        """Merge distilled few-step LoRA(s) into the base weights and switch to their schedule."""
+        """Merge distilled few-step LoRA(s) into the base weights and switch to their schedule.
+
+        paths: one file, or one per expert in `transformers` order (A14B: high-noise, low-noise)."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         experts = self.transformers
-        if len(paths) == 1:
-            paths = paths * len(experts)
+        # A14B's distilled LoRAs are one file per expert: a high-noise file merged into the
+        # low-noise expert (or the reverse) gives wrong videos without any error, so never guess.
         if len(paths) != len(experts):
-            raise IproError(f"lightning: got {len(paths)} LoRA files for {len(experts)} experts; pass one per expert (high-noise first)")
+            what = "one file per expert: {high_noise: FILE, low_noise: FILE}" if len(experts) == 2 else "one file"
+            raise IproError(f"model.lightning_lora (--lightning): {self.family} needs {what}; got {len(paths)}")
         for transformer, path in zip(experts, paths):
             self.merge_lora(transformer, path, what="Lightning LoRA")
         self.scheduler = scheduler_with_shift(self.scheduler, shift)
@@ -434,6 +437,13 @@ class WanModel(VideoModel):
 
     def generated_mask(self, cond: Condition) -> torch.Tensor | None:
         return cond.first_frame_mask if self.expand_timesteps else None
+
+    def trained_at(self, t) -> bool:
+        """A14B: only the trained expert's steps (t below the boundary for the low-noise one)."""
+        if self.boundary_ratio is None or self.transformer_2 is None:
+            return True
+        high = bool((torch.as_tensor(t) >= self.boundary_ratio * self.num_train_timesteps).all())
+        return high == (self.trainable_module is self.transformer)
 
     def _expert(self, high_noise: bool) -> torch.nn.Module:
         module = self.transformer if (self.boundary_ratio is None or high_noise) else self.transformer_2

@@ -173,6 +173,12 @@ class FaceIdentityReward(Reward):
         return self
 
     def forward(self, frames: torch.Tensor, batch: RewardBatch | Mapping[str, Any] | None = None) -> RewardOutput:
+        # float32 outside autocast, from the pixels to the score: under bf16 mixed precision the
+        # embeddings and cosines drift by about IPRO's whole effect (see ipro.faces.embedder).
+        with torch.autocast(frames.device.type, enabled=False):
+            return self._score(frames.float() if frames.dtype in (torch.float16, torch.bfloat16) else frames, batch)
+
+    def _score(self, frames: torch.Tensor, batch: RewardBatch | Mapping[str, Any] | None) -> RewardOutput:
         validate_video(frames, self.embedder.value_range, "frames")
         b, num_frames = frames.shape[:2]
         batch = RewardBatch.coerce(batch, b)

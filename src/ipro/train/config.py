@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ipro.errors import IproError
 from ipro.yaml_config import read_mapping, validate
@@ -32,7 +32,9 @@ class ModelConfig(Section):
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
         description="Module names (peft target_modules) that get LoRA: attention q/k/v/o and the FFN.",
     )
-    lightning_lora: str | None = Field(None, description="Path of a distilled few-step ('Lightning') LoRA to merge before training; its schedule is used without CFG.")
+    lightning_lora: str | list[str] | dict[str, str] | None = Field(
+        None, description="Distilled few-step ('Lightning') LoRA merged before training; its schedule is used without CFG. "
+        "One path, or for Wan 2.2 A14B one per expert: {high_noise: PATH, low_noise: PATH} (or a list, high-noise first).")
     init_lora: str | None = Field(None, description="Start from this trained LoRA (a folder or .safetensors) instead of a fresh one.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward to save memory.")
     decode_tile: int | None = Field(
@@ -45,6 +47,17 @@ class ModelConfig(Section):
         0, ge=0, description="Reference-to-video families (wan-vace): reference images per video, cropped around each "
         "person's face in the first frame (whole frame where fewer people show); 0 conditions on the first frame only. "
         "phantom (no first frame) takes 1-4, one per person; 0 means 1.")
+
+    @field_validator("lightning_lora")
+    @classmethod
+    def _lightning(cls, paths):
+        if isinstance(paths, dict):
+            if set(paths) != {"high_noise", "low_noise"}:
+                raise ValueError(f"model.lightning_lora takes the keys high_noise and low_noise, got {sorted(paths)}; fix the keys")
+            return [paths["high_noise"], paths["low_noise"]]  # the experts' order
+        if isinstance(paths, list) and not 1 <= len(paths) <= 2:
+            raise ValueError(f"model.lightning_lora takes one path, or two (high-noise first), got {len(paths)}; list one per expert")
+        return paths
 
 
 class DataConfig(Section):
@@ -69,6 +82,10 @@ class SamplerConfig(Section):
     grad_steps_min: int | None = Field(None, ge=1, description="If set, K is drawn uniformly from [grad_steps_min, grad_steps] each step (AlignProp).")
     guidance_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance; 1.0 disables it (the paper's Lightning setting).")
     shift: float | None = Field(None, gt=0, description="Flow-matching timestep shift; None keeps the scheduler's.")
+    noise: Literal["flow_grpo", "identity_grpo"] = Field(
+        "flow_grpo", description="GRPO's SDE noise level per step: 'flow_grpo' eta * sqrt(sigma / (1 - sigma)) (Flow-GRPO; "
+        "grpo.eta), 'identity_grpo' sigma_min + (sigma_max - sigma_min) * sigma with the schedule's second and last sigmas "
+        "(alibaba/identity-grpo's public sampler; no eta).")
 
     @model_validator(mode="after")
     def _k(self):
@@ -121,11 +138,21 @@ class GRPOConfig(Section):
     group_size: int = Field(8, ge=2, description="Videos sampled per input (G).")
     kl_weight: float = Field(0.004, ge=0, description="KL penalty to the reference policy.")
     clip_range: float = Field(1e-3, gt=0, description="PPO clip range of the probability ratio.")
-    eta: float = Field(0.7, ge=0, description="SDE noise level of the rollout sampler.")
+    eta: float = Field(0.7, ge=0, description="SDE noise level of the rollout sampler (sampler.noise: flow_grpo).")
+    timestep_fraction: float = Field(
+        1.0, gt=0, le=1, description="Train on the first int(num_steps * fraction) denoising steps of each rollout (all "
+        "steps stay stochastic); identity-grpo uses 0.99, i.e. 24 of 25. The CFG of rollouts and update is sampler.guidance_scale.")
     inner_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     reward_model: str | None = Field(None, description="Learned identity reward model checkpoint; None uses the face-pool reward.")
     reward_model_weight: float = Field(1.0, ge=0, description="Weight of the learned reward when mixed with the face reward.")
     face_reward_weight: float = Field(1.0, ge=0, description="Weight of the face-pool reward in the mix.")
+
+
+class SFTConfig(Section):
+    face_weight: float = Field(
+        0.1, ge=0, description="SFT baseline: weight w of the face identity loss beside the diffusion loss, "
+        "loss = ||v - v_target||^2 - w * normalized R_face(decoded x0 prediction) (the paper's SFT adds a face loss; "
+        "it gives no weight, so the default is IPRO's reward.weight on the same score). 0: diffusion loss only.")
 
 
 class RunConfig(Section):
@@ -151,6 +178,7 @@ class TrainConfig(Section):
     kl: KLConfig = Field(default_factory=KLConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 

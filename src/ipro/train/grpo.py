@@ -1,4 +1,5 @@
-"""Identity-GRPO: group relative policy optimization with Flow-GRPO's SDE sampler.
+"""Identity-GRPO: group relative policy optimization with an SDE sampler (`sampler.noise`:
+Flow-GRPO's noise level, or alibaba/identity-grpo's).
 
 One optimizer step (per inner epoch), for each of `grad_accum` inputs (first frame +
 caption):
@@ -11,12 +12,13 @@ caption):
 3. Advantages are normalized within each group: A = (r - mean_group) / (std_group + eps)
    over the samples the reward could score (a sample it skipped, e.g. no face, gets 0;
    so does a group whose rewards are all equal), clipped to +-ADV_CLIP.
-4. For each SDE step, recompute log p(x_next | x_t) under the current weights:
+4. For each trained SDE step (the first int(T * grpo.timestep_fraction), those the
+   trainable weights act on), recompute log p(x_next | x_t) under the current weights:
        ratio = exp(logp_theta - logp_rollout)
        policy = mean over samples of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
        kl     = mean over samples of ||mu_theta - mu_ref||^2 / (2 std^2)
    (mu: the SDE step's mean, std: its standard deviation; the reference is the model
-   with its LoRA switched off). loss = policy + grpo.kl_weight * kl, averaged over steps
+   with its LoRA switched off, under the same guidance; `ipro.train.kl`). loss = policy + grpo.kl_weight * kl, averaged over steps
    and inputs. One backward per SDE step (only one transformer graph is alive at a
    time), one optimizer step per pass; `grpo.inner_epochs` passes reuse the rollouts,
    the later ones off-policy, which is what the clip is for.
@@ -34,7 +36,8 @@ import torch
 
 from ipro.errors import IproError
 from ipro.models.base import Condition
-from ipro.sampling.sde import SdeRollout, gaussian_log_prob, sde_mean_std, sde_sample
+from ipro.sampling.sde import SdeRollout, sde_sample, sde_transition
+from ipro.train.kl import sde_kl
 from ipro.train.trainer import Trainer, step_generator
 
 ADV_EPS = 1e-4  # Flow-GRPO's epsilon in (r - mean) / (std + eps)
@@ -64,23 +67,16 @@ def clipped_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: 
     return torch.maximum(unclipped, clipped).mean(), ratio
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over all but the batch dim, over mask == 1 when given: (B,)."""
-    if mask is None:
-        return x.flatten(1).mean(1)
-    mask = mask.expand_as(x)
-    return torch.where(mask > 0, x, 0.0).flatten(1).sum(1) / mask.flatten(1).sum(1)
-
-
-def transition_stats(model, cond: Condition, x_t, x_next, sigma, sigma_next, t, eta, sigma_max, guidance_scale):
-    """log p(x_next | x_t) (B,), the step's mean and std under the current weights.
-
-    The same arithmetic as `sde_sample` (and `sde_step_logprob`), so on unchanged
-    weights the log-prob is bit-for-bit the rollout's.
-    """
-    v = model.velocity(model.impose_first_frame(x_t, cond), t, cond, guidance_scale)
-    mean, std = sde_mean_std(x_t, v, sigma, sigma_next, eta, sigma_max)
-    return gaussian_log_prob(x_next.detach(), mean, std, model.generated_mask(cond)), mean, std
+def trained_steps(model, sde: SdeRollout, fraction: float = 1.0) -> list[int]:
+    """The SDE steps the update trains: the first int(T * fraction) (identity-grpo's
+    timestep fraction), and of those only the ones the trainable weights act on (A14B: the
+    low-noise expert's), so a frozen expert's steps do not dilute the mean."""
+    last = int(len(sde.schedule) * fraction)
+    steps = [i for i in sde.sde_steps if i < last and model.trained_at(sde.schedule.timesteps[i])]
+    if not steps:
+        raise IproError(f"grpo.timestep_fraction={fraction} with sampler.num_steps={len(sde.schedule)} leaves no step "
+                        "that the trained weights act on; raise the fraction or the number of steps")
+    return steps
 
 
 @dataclass
@@ -143,9 +139,10 @@ class GRPOTrainer(Trainer):
         cond = self.condition(batch).repeat_interleave(G)
         t0 = time.perf_counter()
         sde = sde_sample(self.model, cond, c.sampler.num_steps, eta=g.eta, generator=generator,
-                         guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift)
+                         guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift, noise_schedule=c.sampler.noise)
         t1 = time.perf_counter()
         frames = self.model.decode(sde.latents)
+        self.keep_rollout_frames(frames)  # for the reward-hacking monitor (ipro.train.monitor)
         pools = [p for p in batch["pool"] for _ in range(G)]
         images = batch["image"].to(frames.device).repeat_interleave(G, 0)
         # A reference-to-video model's reference crops are the learned rewards' references too.
@@ -170,19 +167,17 @@ class GRPOTrainer(Trainer):
 
     # --- 4: the update ----------------------------------------------------------------
 
+    def trained_steps(self, sde: SdeRollout) -> list[int]:
+        return trained_steps(self.model, sde, self.config.grpo.timestep_fraction)
+
     def policy_loss(self, group: GroupRollout, i: int) -> tuple[torch.Tensor, dict]:
         """Clipped policy loss + beta * KL on SDE step i of a group rollout."""
         g = self.config.grpo
         tr = group.sde.transition(i)
-        logp, mean, std = transition_stats(self.model, group.cond, **tr)
+        logp, mean, std = sde_transition(self.model, group.cond, **tr)
         old = group.sde.log_probs[:, i].to(logp)
         policy, ratio = clipped_policy_loss(logp, old, group.advantages.to(logp), g.clip_range)
-        kl = torch.zeros((), device=logp.device)
-        if g.kl_weight > 0:
-            with torch.no_grad(), self.model.reference_weights():
-                v_ref = self.model.velocity(self.model.impose_first_frame(tr["x_t"], group.cond), tr["t"], group.cond, tr["guidance_scale"])
-                mean_ref, _ = sde_mean_std(tr["x_t"], v_ref, tr["sigma"], tr["sigma_next"], tr["eta"], tr["sigma_max"])
-            kl = (_masked_mean((mean - mean_ref) ** 2, self.model.generated_mask(group.cond)) / (2 * std.flatten() ** 2)).mean()
+        kl = sde_kl(self.model, group.cond, mean, std, tr) if g.kl_weight > 0 else torch.zeros((), device=logp.device)
         loss = policy + g.kl_weight * kl
         dev = (ratio.detach() - 1).abs()
         logs = {
@@ -200,12 +195,13 @@ class GRPOTrainer(Trainer):
         """The whole GRPO objective of one input on-policy, as one graph (small models,
         notebooks); training goes through `step()`, which backpropagates per SDE step."""
         group = self.rollout(batch, generator)
+        steps = self.trained_steps(group.sde)
         losses, logs = [], {}
-        for i in group.sde.sde_steps:
+        for i in steps:
             loss, step_logs = self.policy_loss(group, i)
             losses.append(loss)
             for k, v in step_logs.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / len(group.sde.sde_steps)
+                logs[k] = logs.get(k, 0.0) + float(v) / len(steps)
         return torch.stack(losses).mean(), {**group.logs, **logs}
 
     def step(self) -> dict:
@@ -222,7 +218,7 @@ class GRPOTrainer(Trainer):
         for grp in groups:
             for k, v in grp.logs.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / len(groups)
-        steps = groups[0].sde.sde_steps
+        steps = self.trained_steps(groups[0].sde)
         terms = len(groups) * len(steps)
         t1 = time.perf_counter()
         for epoch in range(c.grpo.inner_epochs):

@@ -6,13 +6,15 @@ face pool, and minimize
 
     loss = -w * normalized R_face + beta * mean_k ||v_theta(x_k, t_k) - v_ref(x_k, t_k)||^2 / (2 sigma_k^2)
 
-v_ref is the model with its LoRA switched off (or a frozen copy for full fine-tuning).
+v_ref is the model with its LoRA switched off (or a frozen copy for full fine-tuning), under
+the rollout's guidance; only the trained expert's steps count (`ipro.train.kl`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ipro.train.kl import multistep_kl
 from ipro.train.trainer import Trainer
 
 
@@ -38,29 +40,6 @@ def build_face_reward(rc, device):
         embedder, mode=rc.mode, frames=frames, normalization=norm,
         no_face="skip" if rc.no_face == "skip" else 0.0, unmatched=rc.unmatched, pool_skip_first=rc.exclude_first_frame,
     )
-
-
-def multistep_kl(model, rollout, cond, weighting: str) -> torch.Tensor:
-    """Mean over the K gradient steps of ||v - v_ref||^2, weighted per step (see KLConfig)."""
-    if not rollout.grad_steps:
-        return torch.zeros((), device=rollout.latents.device)
-    mask = model.generated_mask(cond)
-    terms = []
-    for step in rollout.grad_steps:
-        v_ref = model.reference_velocity(step.x_t, step.t, cond)
-        sq = (step.v - v_ref) ** 2
-        if mask is not None:  # imposed latents are not generated; their velocity is irrelevant
-            sq = sq * mask
-            per_sample = sq.flatten(1).sum(1) / (mask.expand_as(sq)[0].sum().clamp_min(1))
-        else:
-            per_sample = sq.flatten(1).mean(1)
-        sigma = step.sigma.to(per_sample)
-        if weighting == "sigma":
-            per_sample = per_sample / (2 * sigma.clamp_min(1e-3) ** 2)
-        elif weighting == "x0":  # x0 = x_t - sigma * v, so this is ||x0 - x0_ref||^2
-            per_sample = per_sample * sigma**2
-        terms.append(per_sample.mean())
-    return torch.stack(terms).mean()
 
 
 class IPROTrainer(Trainer):

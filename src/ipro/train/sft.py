@@ -1,13 +1,19 @@
-"""SFT baseline: the flow-matching loss on ground-truth clips (the paper's comparison).
+"""SFT baseline: the flow-matching loss on ground-truth clips plus a face identity loss,
+as the paper's SFT comparison runs it ("facial similarity as an auxiliary loss").
 
 x_t = sigma * noise + (1 - sigma) * x0 with sigma drawn from the sampler's schedule,
-loss = ||v_theta(x_t, t) - (noise - x0)||^2 over the generated latents.
+    loss = ||v_theta(x_t, t) - (noise - x0)||^2  -  w * normalized R_face(decode(x0_hat))
+over the generated latents, with x0_hat = x_t - sigma * v_theta the clip the model
+predicts from x_t (teacher forcing: the input is the noised ground truth, never the
+model's own rollout, which is the difference IPRO is about). R_face is IPRO's reward
+(the `reward` section: mode, frames, normalization) and w is `sft.face_weight`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ipro.sampling.sde import masked_mean
 from ipro.train.trainer import Trainer
 
 
@@ -17,6 +23,13 @@ class SFTTrainer(Trainer):
 
     def condition_image(self, item: dict) -> torch.Tensor:
         return item["clip"][0]  # SFT conditions on the clip's own first frame
+
+    def build_reward(self):
+        if self.config.sft.face_weight == 0:
+            return None
+        from ipro.train.ipro import build_face_reward
+
+        return build_face_reward(self.config.reward, self.accelerator.device)
 
     def compute_loss(self, batch: dict, generator: torch.Generator):
         from ipro.sampling.schedule import flow_schedule
@@ -34,7 +47,22 @@ class SFTTrainer(Trainer):
         noise = torch.randn(x0.shape, generator=generator).to(dev)
         x_t = self.model.impose_first_frame(sigma * noise + (1 - sigma) * x0, cond)
         v = self.model.velocity(x_t, t, cond)
-        sq = (v - (noise - x0)) ** 2
-        mask = self.model.generated_mask(cond)
-        loss = (sq * mask).sum() / (mask.expand_as(sq).sum()) if mask is not None else sq.mean()
-        return loss, {"loss": loss.detach(), "sigma": sigma.mean()}
+        diffusion = masked_mean((v - (noise - x0)) ** 2, self.model.generated_mask(cond)).mean()
+        logs = {"diffusion_loss": diffusion.detach(), "sigma": sigma.mean()}
+        loss = diffusion
+        if self.reward is not None:
+            face = self.face_score(self.model.impose_first_frame(x_t - sigma * v, cond), batch, clips[:, 0])
+            loss = diffusion - c.sft.face_weight * face.mean()
+            logs.update({"reward": face.mean().detach(), "face_coverage": face.coverage.mean()})
+        return loss, {"loss": loss.detach(), **logs}
+
+    def face_score(self, x0_hat: torch.Tensor, batch: dict, first_frames: torch.Tensor):
+        """The face reward of the decoded x0 prediction (only the frames it scores are decoded)."""
+        from ipro.rewards import RewardBatch
+
+        num_frames = self.config.data.num_frames
+        wanted = [int(i) for i in self.reward.frames.indices(num_frames)]
+        frames = self.model.decode(x0_hat, frames=wanted)
+        full = frames.new_zeros(frames.shape[0], num_frames, *frames.shape[2:])  # the reward picks `wanted` again
+        full[:, wanted] = frames
+        return self.reward(full, RewardBatch(pools=batch["pool"], reference_frames=first_frames))
