@@ -78,6 +78,27 @@ def test_lightning_lora_per_expert_in_published_layout(tiny, tmp_path):
         load_model(tiny["wan2.2-i2v-a14b"], lightning=tmp_path / "low_noise_model.safetensors")
 
 
+def test_generate_takes_one_lightning_file_per_expert(tiny, face, tmp_path):
+    from typer.testing import CliRunner
+
+    import ipro.cli.generate  # noqa: F401  (registers the command)
+    from ipro.cli.main import app
+    from ipro.data.video import write_image
+
+    base = load_model(tiny["wan2.2-i2v-a14b"])
+    files = [tmp_path / "high.safetensors", tmp_path / "low.safetensors"]
+    for seed, (path, expert) in enumerate(zip(files, base.transformers)):
+        write_published_lora(path, expert, seed=seed)
+    write_image(tmp_path / "face.png", face[0])
+    args = ["generate", str(tmp_path / "face.png"), "--model", str(tiny["wan2.2-i2v-a14b"]), "--num-frames", "5",
+            "--height", "32", "--width", "32", "--out", str(tmp_path / "out")]
+    one = CliRunner().invoke(app, [*args, "--lightning", str(files[1])])
+    assert isinstance(one.exception, IproError) and "high_noise" in str(one.exception)
+    both = CliRunner().invoke(app, [*args, "--lightning", str(files[0]), "--lightning", str(files[1])])
+    assert both.exit_code == 0, both.output + repr(both.exception)
+    assert (tmp_path / "out" / "face.mp4").is_file()
+
+
 def test_lightning_lora_config_takes_one_path_per_expert():
     from ipro.train.config import load_config
 

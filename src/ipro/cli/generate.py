@@ -70,7 +70,7 @@ def generate(
     prompts: Path = typer.Option(None, "--prompts", help="Text file: one line for all images, or one line per image."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Used when --guidance > 1."),
     lora: Path = typer.Option(None, "--lora", help="LoRA weights from `ipro train` (file or folder)."),
-    lightning: Path = typer.Option(None, "--lightning", help="Distilled few-step LoRA to merge; defaults to its 4-step, no-CFG schedule."),
+    lightning: list[Path] = typer.Option([], "--lightning", help="Distilled few-step LoRA to merge; defaults to its 4-step, no-CFG schedule. Wan 2.2 A14B: give it twice, the high-noise expert's file first."),
     family: str = typer.Option(None, "--family", help="Model family; detected from model_index.json by default."),
     reference: list[Path] = typer.Option([], "--reference", help="Reference image of a person, for every video (Wan VACE, Phantom): --reference A.png B.png or --reference A.png --reference B.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first video; video i uses seed + i."),
@@ -123,14 +123,14 @@ def generate(
             raise IproError(f"{path}: no such --reference image; check the path")
     if reference and not family_cls.takes_reference_images:
         raise IproError(f"--reference: the {family} family takes no reference images; use a Wan VACE or Phantom checkpoint or drop --reference")
-    for path, name in ((lora, "--lora"), (lightning, "--lightning")):
+    for path, name in ((lora, "--lora"), *((p, "--lightning") for p in lightning)):
         if path is not None and not path.exists():
             raise IproError(f"{path}: {name} file not found; check the path")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     extra = {"num_reference_images": len(reference)} if reference else {}
-    vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning, **extra)
+    vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning or None, **extra)
     refs = [to_tensor(read_image(p)) for p in reference]
     fps = fps or vm.fps
     names = output_names(images) if images else ["+".join(p.stem for p in reference)]
@@ -165,7 +165,7 @@ def generate(
                     "model": str(model),
                     "family": vm.family,
                     "lora": str(lora) if lora else None,
-                    "lightning": str(lightning) if lightning else None,
+                    "lightning": [str(p) for p in lightning] or None,
                     "seed": seed + i,
                     "num_frames": num_frames,
                     "height": height,
