@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = load_config(overrides={
             "data.dataset": str(dataset(tmp)), "data.height": 128, "data.width": 160, "data.num_frames": 9,
             "model.path": args.model, "model.lora_rank": 8, "sampler.num_steps": 4, "sampler.grad_steps": 2,
-            "run.output_dir": str(tmp / "run"), "run.report_to": [], "run.device": "cpu", "optim.steps": 1000,
+            "run.output_dir": str(tmp / "run"), "run.log_with": [], "run.device": "cpu", "optim.steps": 1000,
         })
         trainer = IPROTrainer(cfg)
         trainer.step()  # warm-up

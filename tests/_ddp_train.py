@@ -14,7 +14,7 @@ dataset, out = sys.argv[1], sys.argv[2]
 cfg = load_config(overrides={
     "method": "sft", "data.dataset": dataset, "data.height": 128, "data.width": 160, "data.num_frames": 9,
     "model.path": "tiny:wan2.1-i2v", "model.lora_rank": 4, "optim.steps": 2, "optim.lr": 1e-3,
-    "sampler.num_steps": 4, "run.output_dir": out, "run.report_to": [], "run.checkpoint_every": 100,
+    "sampler.num_steps": 4, "run.output_dir": out, "run.log_with": [], "run.checkpoint_every": 100,
 })
 trainer = SFTTrainer(cfg)
 init = {k: v.detach().clone() for k, v in trainer.named_params.items()}

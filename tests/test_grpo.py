@@ -29,7 +29,7 @@ def config(dataset: Path, out: Path, **overrides):
     base = {
         "method": "grpo", "data.dataset": str(dataset), "data.height": 64, "data.width": 64, "data.num_frames": 9,
         "model.path": "tiny:wan2.1-i2v", "model.lora_rank": 4, "optim.steps": 10, "optim.lr": 1e-2,
-        "sampler.num_steps": 4, "grpo.group_size": 4, "run.output_dir": str(out), "run.report_to": [],
+        "sampler.num_steps": 4, "grpo.group_size": 4, "run.output_dir": str(out), "run.log_with": [],
         "run.checkpoint_every": 2, "run.device": "cpu", "run.seed": 3,
     }
     base.update(overrides)
@@ -228,7 +228,7 @@ def test_no_reward_to_optimize_is_a_clear_error(dataset, tmp_path):
 def test_cli_trains_grpo_from_the_preset(dataset, tmp_path):
     out = tmp_path / "run"
     sets = [f"data.dataset={dataset}", "data.height=64", "data.width=64", "optim.steps=1", f"run.output_dir={out}",
-            "run.report_to=[]", "grpo.group_size=2"]
+            "run.log_with=[]", "grpo.group_size=2"]
     cmd = [IPRO, "train", "-c", "configs/tiny-cpu-grpo.yaml", *[a for s in sets for a in ("--set", s)]]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]

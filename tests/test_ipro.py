@@ -28,7 +28,7 @@ def make_trainer(dataset: Path, out: Path, **overrides):
     from ipro.train.config import load_config
     from ipro.train.ipro import IPROTrainer
 
-    base = {"data.dataset": str(dataset), "optim.steps": STEPS, "run.output_dir": str(out), "run.report_to": [],
+    base = {"data.dataset": str(dataset), "optim.steps": STEPS, "run.output_dir": str(out), "run.log_with": [],
             "run.checkpoint_every": 1000, "run.seed": 0}
     return IPROTrainer(load_config(PRESET, {**base, **overrides}))
 

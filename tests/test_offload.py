@@ -23,7 +23,7 @@ def trainer_config(dataset: Path, out: Path, **overrides):
     base = {
         "data.dataset": str(dataset), "data.height": 128, "data.width": 160, "data.num_frames": 9,
         "model.path": "tiny:wan2.1-i2v", "model.lora_rank": 4, "optim.steps": 1, "optim.lr": 1e-3,
-        "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.report_to": [],
+        "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.log_with": [],
         "run.device": "cpu", "run.seed": 3, "kl.weight": 1.0,
     }
     return load_config(overrides={**base, **overrides})

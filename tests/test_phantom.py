@@ -271,7 +271,7 @@ def trainer_for(method, dataset, out, steps, reward=None):
     from ipro.train.ipro import IPROTrainer
 
     overrides = {"data.dataset": str(dataset), "optim.steps": steps, "optim.lr": 1e-2, "run.output_dir": str(out),
-                 "run.report_to": [], "run.checkpoint_every": 1, "run.seed": 3}
+                 "run.log_with": [], "run.checkpoint_every": 1, "run.seed": 3}
     if method == "grpo":
         overrides["grpo.group_size"] = 2
     cls = GRPOTrainer if method == "grpo" else IPROTrainer

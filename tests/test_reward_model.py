@@ -204,7 +204,7 @@ def test_grpo_uses_the_learned_reward(model, tmp_path):
     model.save(tmp_path / "rm")
     cfg = train_config("configs/tiny-cpu-grpo.yaml", {
         "data.dataset": str(tmp_path / "data"), "data.height": 64, "data.width": 64, "grpo.group_size": 2,
-        "grpo.reward_model": str(tmp_path / "rm"), "run.output_dir": str(tmp_path / "run"), "run.report_to": [], "optim.steps": 1,
+        "grpo.reward_model": str(tmp_path / "rm"), "run.output_dir": str(tmp_path / "run"), "run.log_with": [], "optim.steps": 1,
     })
     trainer = GRPOTrainer(cfg)
     assert isinstance(trainer.reward, WeightedReward)
@@ -215,7 +215,7 @@ def test_grpo_uses_the_learned_reward(model, tmp_path):
     assert "reward/identity_rm/raw" in logs and logs["valid_fraction"] == 1.0
     with pytest.raises(IproError, match="not a reward model"):
         GRPOTrainer(train_config("configs/tiny-cpu-grpo.yaml", {"data.dataset": str(tmp_path / "data"), "grpo.reward_model": str(tmp_path),
-                                                             "run.output_dir": str(tmp_path / "run2"), "run.report_to": []}))
+                                                             "run.output_dir": str(tmp_path / "run2"), "run.log_with": []}))
 
 
 def _cli(*args: str) -> list[str]:

@@ -24,7 +24,7 @@ def config(dataset: Path, out: Path, **overrides):
     base = {
         "data.dataset": str(dataset), "data.height": 128, "data.width": 160, "data.num_frames": 9,
         "model.path": "tiny:wan2.1-i2v", "model.lora_rank": 4, "optim.steps": 4, "optim.lr": 1e-3,
-        "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.report_to": [],
+        "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.log_with": [],
         "run.checkpoint_every": 2, "run.device": "cpu", "run.seed": 3,
     }
     base.update(overrides)
@@ -82,7 +82,7 @@ def test_kill9_then_resume_matches_uninterrupted_run(dataset, tmp_path):
     def cmd(out: Path, steps: int, *extra: str) -> list[str]:
         sets = [f"data.dataset={dataset}", "data.height=128", "data.width=160", "data.num_frames=9", "model.path=tiny:wan2.1-i2v",
                 "model.lora_rank=4", f"optim.steps={steps}", "optim.lr=1e-3", "sampler.num_steps=4", f"run.output_dir={out}",
-                "run.report_to=[]", "run.checkpoint_every=1", "run.device=cpu", "method=sft"]
+                "run.log_with=[]", "run.checkpoint_every=1", "run.device=cpu", "method=sft"]
         return [IPRO, "train", *sum((["--set", s] for s in sets), []), *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -168,7 +168,7 @@ def test_grpo_trains_wan_vace_with_reference_crops(dataset, tmp_path):
     from ipro.train.grpo import GRPOTrainer
 
     overrides = {"model.path": "tiny:wan-vace", "model.reference_images": 1, "data.dataset": str(dataset), "data.height": 64,
-                 "data.width": 64, "grpo.group_size": 2, "run.output_dir": str(tmp_path / "run"), "run.report_to": [], "optim.steps": 2}
+                 "data.width": 64, "grpo.group_size": 2, "run.output_dir": str(tmp_path / "run"), "run.log_with": [], "optim.steps": 2}
     trainer = GRPOTrainer(load_config("configs/tiny-cpu-grpo.yaml", overrides))
     assert trainer.model.num_reference_images == 1
     batch = trainer.batch_at(0, 0)

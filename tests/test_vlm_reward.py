@@ -85,7 +85,7 @@ def test_grpo_trains_against_the_vlm_reward(trained, dataset, tmp_path):
 
     cfg = load_config("configs/tiny-cpu-grpo.yaml", {
         "data.dataset": str(dataset), "data.height": 64, "data.width": 64, "grpo.group_size": 2, "grpo.face_reward_weight": 0.0,
-        "grpo.reward_model": str(trained[3]), "run.output_dir": str(tmp_path / "run"), "run.report_to": [], "optim.steps": 1,
+        "grpo.reward_model": str(trained[3]), "run.output_dir": str(tmp_path / "run"), "run.log_with": [], "optim.steps": 1,
     })
     trainer = GRPOTrainer(cfg)
     assert isinstance(trainer.reward, VlmIdentityReward)

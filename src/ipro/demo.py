@@ -118,7 +118,7 @@ def train_run(model_path: Path, data: Path, out: Path, steps: int, overrides: di
     from ipro.train.methods import trainer_class
 
     base = {"model.path": str(model_path), "data.dataset": str(data), "run.output_dir": str(out),
-            "optim.steps": steps, "run.checkpoint_every": max(1, steps // 2), "run.report_to": ["tensorboard"]}
+            "optim.steps": steps, "run.checkpoint_every": max(1, steps // 2), "run.log_with": ["tensorboard"]}
     cfg = load_config(_config_path("tiny-cpu-ipro.yaml"), {**base, **overrides})
     lora = out / f"checkpoint-{steps}" / "lora"
     if not lora.is_dir():

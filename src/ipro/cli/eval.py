@@ -72,6 +72,9 @@ def eval_command(
     generate: str = typer.Option(None, "--generate", help="Generate the videos first with this model (diffusers folder), one per input."),
     lora: Path = typer.Option(None, help="LoRA weights for --generate."),
     generate_options: str = typer.Option("", help="More `ipro generate` flags for --generate, e.g. \"--num-frames 33 --steps 8 --seed 1\"."),
+    protocol: str = typer.Option("default", help="'default' (every metric, metrics.json + report.html) or 'consisid' (FaceSim-Arc / FaceSim-Cur as ConsisID and OpenS2V-Eval compute them, consisid.json)."),
+    arcface: Path = typer.Option(None, help="--protocol consisid: ArcFace IResNet backbone.pth for FaceSim-Arc (else dlib stands in)."),
+    curricularface: Path = typer.Option(None, help="--protocol consisid: CurricularFace IR-101 backbone for FaceSim-Cur (else dlib stands in)."),
 ) -> None:
     """Score generated videos: FaceSim, swaps, coverage, VBench-style quality, rigid faces.
 
@@ -84,6 +87,11 @@ def eval_command(
     console = Console(stderr=True)
     if generate:
         _generate(generate, lora, inputs, videos, generate_options)
+    if protocol not in ("default", "consisid"):
+        raise IproError(f"--protocol {protocol!r}: use 'default' or 'consisid'")
+    if protocol == "consisid":
+        _consisid(videos, inputs, out, arcface, curricularface, device, console)
+        return
     result = evaluate(
         videos, inputs, out, baselines=baseline, recognizer=recognizer, dino=dino, clip=clip, aesthetic=aesthetic,
         max_frames=max_frames, device=device, progress=lambda i, n, name: console.print(f"[{i}/{n}] {name}", highlight=False),
@@ -94,6 +102,20 @@ def eval_command(
     if result["unmatched_videos"]:
         console.print(f"[yellow]no input for[/yellow] {', '.join(result['unmatched_videos'])}", highlight=False)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}", highlight=False)
+
+
+def _consisid(videos, inputs, out, arcface, curricularface, device, console) -> None:
+    from ipro.eval.consisid import evaluate_consisid
+
+    result = evaluate_consisid(videos, inputs, out, arcface=arcface, curricularface=curricularface, device=device,
+                               progress=lambda i, n, name: console.print(f"[{i}/{n}] {name}", highlight=False))
+    for key, label in (("face_sim_arc", "FaceSim-Arc"), ("face_sim_cur", "FaceSim-Cur")):
+        agg = result["aggregate"][key]
+        value = "not computed (no face in any input image)" if agg["mean"] is None else f"{agg['mean']:.4f} [{agg['ci_low']:.4f}, {agg['ci_high']:.4f}]"
+        typer.echo(f"{label} ({result['recognizers'][key]}): {value}  n={agg['n']}")
+    if not all(result["comparable_with_papers"].values()):
+        console.print("[yellow]dlib stands in[/yellow] where no --arcface / --curricularface checkpoint was given: not comparable with published FaceSim-Arc/Cur", highlight=False)
+    console.print(f"wrote {Path(out) / 'consisid.json'}", highlight=False)
 
 
 @app.command("eval-compare")

@@ -162,9 +162,23 @@ class RunConfig(Section):
     keep_last: int = Field(2, ge=1, description="Keep the last N checkpoints.")
     log_every: int = Field(1, ge=1, description="Log scalars every N steps.")
     sample_every: int | None = Field(None, ge=1, description="Write sample videos every N steps; None disables.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"], description="Loggers.")
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers (accelerate's): tensorboard and/or wandb, [] for none. "
+        "wandb runs offline (WANDB_MODE=offline) unless WANDB_MODE or WANDB_API_KEY is set; its run folder goes to output_dir/wandb.")
+    hacking_monitor: bool = Field(True, description="Every log_every steps, log the rigid-face rate (the `ipro eval` measure) and face "
+                                  "coverage of the step's decoded rollouts as hacking/rigid_rate and hacking/face_coverage.")
+    rigid_warn_rate: float = Field(0.5, ge=0, le=1, description="Warn once when the monitored rigid-face rate rises above this (reward hacking).")
     max_nonfinite: int = Field(5, ge=1, description="Abort after this many non-finite losses in a row (each is skipped).")
     device: str | None = Field(None, description="Force a device; None lets accelerate choose.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "report_to" in data:
+            raise ValueError("run.report_to is now run.log_with (tensorboard | wandb); rename the key")
+        if isinstance(data, dict) and isinstance(data.get("log_with"), str):
+            data = {**data, "log_with": [data["log_with"]]}
+        return data
 
 
 class TrainConfig(Section):

@@ -68,6 +68,7 @@ class IPROTrainer(Trainer):
         cond, rollout = self.rollout(batch, generator)
         wanted = self.reward.frames.indices(c.data.num_frames) if hasattr(self.reward, "frames") else None
         frames = self.model.decode(rollout.latents, frames=None if wanted is None else [int(i) for i in wanted])
+        self.keep_rollout_frames(frames)  # for the reward-hacking monitor (ipro.train.monitor)
         # The reward picks its frames again from what it is given; hand it the full-length
         # index space by scattering the decoded frames back when a subset was decoded.
         if wanted is not None and len(wanted) != c.data.num_frames:

@@ -52,7 +52,7 @@ class Trainer:
         out = Path(c.run.output_dir)
         self.output_dir = out
         if accelerator is None:
-            trackers = [r for r in c.run.report_to if r != "wandb" or _has_wandb()]
+            trackers = _trackers(c.run.log_with, out)
             accelerator = Accelerator(
                 mixed_precision=c.optim.mixed_precision,
                 log_with=trackers or None,
@@ -147,6 +147,26 @@ class Trainer:
 
     def compute_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    # --- Reward-hacking monitor (ipro.train.monitor) -------------------------------------
+
+    def keep_rollout_frames(self, frames: torch.Tensor) -> None:
+        """Methods call this with the (B, F, 3, H, W) frames they decoded; kept (detached)
+        only on steps that will be logged, for `monitor_hacking`."""
+        c = self.config.run
+        if c.hacking_monitor and (self.global_step + 1) % c.log_every == 0:
+            self.__dict__.setdefault("_rollout_frames", []).append(frames.detach())
+
+    def monitor_hacking(self) -> dict:
+        """hacking/rigid_rate and hacking/face_coverage of the frames kept this step."""
+        frames, self._rollout_frames = self.__dict__.get("_rollout_frames", []), []
+        if not frames:
+            return {}
+        if getattr(self, "_monitor", None) is None:
+            from ipro.train.monitor import HackingMonitor
+
+            self._monitor = HackingMonitor(self.config.run.rigid_warn_rate, getattr(self.reward, "embedder", None), self.accelerator.device)
+        return self._monitor(frames, step=self.global_step) if self.accelerator.is_main_process else {}
 
     def step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns the logged values."""
@@ -303,6 +323,7 @@ class Trainer:
             while self.global_step < c.optim.steps:
                 logs = self.step()
                 if self.global_step % c.run.log_every == 0:
+                    logs.update(self.monitor_hacking())
                     acc.log(logs, step=self.global_step)
                     self._append_log(logs)
                 bar.update(task, completed=self.global_step, info=_brief(logs))
@@ -396,6 +417,22 @@ def _has_wandb() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("wandb") is not None
+
+
+def _trackers(log_with: list[str], output_dir: Path) -> list[str]:
+    """accelerate trackers for run.log_with. wandb never needs the network: without an API key
+    or WANDB_MODE it runs offline and writes its run folder under output_dir/wandb
+    (`wandb sync` uploads it later)."""
+    import os
+
+    if "wandb" in log_with:
+        if not _has_wandb():
+            raise IproError("run.log_with: wandb is not installed; `pip install wandb` or log with tensorboard")
+        if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", str(output_dir))
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return list(log_with)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
