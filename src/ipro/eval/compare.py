@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ipro.eval.evaluator import METRICS, load_run
+from ipro.eval.evaluator import load_run
+from ipro.eval.metrics import METRICS
 
 
 def load_runs(paths: list[str | Path]) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ipro.data.video import atomic_path, read_image, read_video, write_image
-from ipro.eval.evaluator import METRICS
+from ipro.eval.metrics import METRICS
 
 ASSETS = "report_files"
 

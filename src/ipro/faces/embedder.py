@@ -10,14 +10,37 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipro.errors import IproError
 from ipro.faces.align import warp_faces
-from ipro.faces.recognizer import FaceRecognizer, load_recognizer
+from ipro.faces.recognizer import FaceRecognizer
 from ipro.faces.types import Detections
+
+
+def load_recognizer(spec: str = "dlib", device: str | torch.device = "cpu") -> FaceRecognizer:
+    """Build a recognizer from a short spec.
+
+    - "dlib" (default): dlib's face ResNet (128-d, 150x150 chips) from the weights in
+      face-recognition-models, run by our PyTorch port.
+    - "arcface:PATH": an arcface_torch IResNet-50/100 `backbone.pth` (512-d, 112x112).
+    """
+    if spec == "dlib":
+        from ipro.faces.dlib_resnet import DlibResNet
+
+        model = DlibResNet.from_package()
+    elif spec.startswith("arcface:"):
+        from ipro.faces.arcface import ArcFaceIResNet
+
+        path = Path(spec.split(":", 1)[1]).expanduser()
+        model = ArcFaceIResNet.from_checkpoint(path)
+    else:
+        raise IproError(f"unknown recognizer '{spec}'; use 'dlib' or 'arcface:/path/to/backbone.pth'")
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _float32(method):

@@ -1,4 +1,4 @@
-"""The interface every face recognizer implements, and a loader by name.
+"""The interface every face recognizer implements (`load_recognizer` in `embedder` builds one by name).
 
 A recognizer maps aligned face chips to identity embeddings. It declares the chip
 size, the 5-point template the chip must be aligned to, and the embedding size, so the
@@ -7,12 +7,8 @@ aligner and the embedder need nothing model-specific.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
-
-from ipro.errors import IproError
 
 
 class FaceRecognizer(nn.Module):
@@ -42,24 +38,3 @@ class FaceRecognizer(nn.Module):
                 f"{self.name} expects chips (N, 3, {self.input_size}, {self.input_size}), got {tuple(chips.shape)}"
             )
         return self.embed_chips(chips)
-
-
-def load_recognizer(spec: str = "dlib", device: str | torch.device = "cpu") -> FaceRecognizer:
-    """Build a recognizer from a short spec.
-
-    - "dlib" (default): dlib's face ResNet (128-d, 150x150 chips) from the weights in
-      face-recognition-models, run by our PyTorch port.
-    - "arcface:PATH": an arcface_torch IResNet-50/100 `backbone.pth` (512-d, 112x112).
-    """
-    if spec == "dlib":
-        from ipro.faces.dlib_resnet import DlibResNet
-
-        model = DlibResNet.from_package()
-    elif spec.startswith("arcface:"):
-        from ipro.faces.arcface import ArcFaceIResNet
-
-        path = Path(spec.split(":", 1)[1]).expanduser()
-        model = ArcFaceIResNet.from_checkpoint(path)
-    else:
-        raise IproError(f"unknown recognizer '{spec}'; use 'dlib' or 'arcface:/path/to/backbone.pth'")
-    return model.to(device).eval().requires_grad_(False)

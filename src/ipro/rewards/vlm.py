@@ -25,7 +25,7 @@ from torch import nn
 from ipro.data.video import to_tensor
 from ipro.errors import IproError
 from ipro.rewards.base import Normalization, Reward, RewardBatch, RewardOutput, finish
-from ipro.rewards.learned import (
+from ipro.rewards.preference import (
     FORMAT,
     PreferenceModel,
     rao_kupper_nll,
