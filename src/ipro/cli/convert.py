@@ -31,7 +31,7 @@ from pathlib import Path
 
 import typer
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.errors import IproError
 
 PHANTOM_SHIFT = 5.0  # Phantom samples subject-to-video with shift 5 at every size (its generate.py)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 
 
 @app.command("demo")

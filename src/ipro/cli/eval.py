@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.errors import IproError
 
 
@@ -161,9 +161,3 @@ def _print_table(runs: list[dict], all_metrics: bool = False) -> None:
     for row in rows:
         t.add_row(*row)
     Console().print(t)
-
-
-if __name__ == "__main__":  # `python -m ipro.cli.eval ...` before the command is registered in main
-    from ipro.cli.main import main
-
-    main()

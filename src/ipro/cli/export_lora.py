@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.errors import IproError
 from ipro.models import lora_formats
 
@@ -96,14 +96,14 @@ def export_lora(
         configured = (config or {}).get("model", {}).get("lightning_lora")
         if not configured:
             raise IproError(f"{file}: --merge-lightning but the run's config has no model.lightning_lora; pass the file with --lightning PATH")
+        if isinstance(configured, dict):  # {high_noise, low_noise}, as model.lightning_lora accepts
+            configured = [configured["high_noise"], configured["low_noise"]]
         lightning = configured if isinstance(configured, list) else [configured]
     two_experts = family == "wan2.2-i2v-a14b"
     experts = EXPERTS if two_experts else (None,)
     lightning = list(lightning or [])
-    if lightning and len(lightning) == 1:
-        lightning = lightning * len(experts)
-    if lightning and len(lightning) != len(experts):
-        raise IproError(f"--lightning: got {len(lightning)} files for {len(experts)} experts; pass one per expert (high-noise first) or one for both")
+    if lightning and len(lightning) != len(experts):  # A14B's experts were distilled apart: one file each
+        raise IproError(f"--lightning: got {len(lightning)} files for {len(experts)} experts; pass one per expert (high-noise first)")
     out = Path(out) if out is not None else file.parent.parent / f"lora-{format}.safetensors"
     written = []
     for i, expert in enumerate(experts):

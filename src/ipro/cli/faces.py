@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import typer
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.data.video import read_media, to_tensor
 
 

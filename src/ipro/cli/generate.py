@@ -16,7 +16,7 @@ import torch
 import typer
 
 from ipro import __version__
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.data.video import to_tensor
 from ipro.errors import IproError
 

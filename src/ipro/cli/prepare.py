@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
@@ -74,9 +74,3 @@ def prepare_merge_command(
     print_summary(summary, out_dir)
     if summary["failed_files"]:
         raise typer.Exit(code=1)
-
-
-if __name__ == "__main__":  # `python -m ipro.cli.prepare ...` before the command is registered in main
-    from ipro.cli.main import main
-
-    main()

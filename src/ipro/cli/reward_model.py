@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.errors import IproError
 
 reward_model_app = typer.Typer(

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 import yaml
 
-from ipro.cli.main import app
+from ipro.cli.app import app
 from ipro.errors import IproError
 
 
@@ -31,12 +31,18 @@ def train_command(
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and meaning, then exit."),
+    gpu_memory: Optional[str] = typer.Option(
+        None, "--gpu-memory", help="Memory of one GPU for the memory check (default: GPU 0's). On a CPU-only machine "
+        "the check is skipped unless this is given."),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Skip the check that the step fits the GPU (`ipro plan`)."),
 ) -> None:
     """Fine-tune with IPRO (reward feedback through the last K sampler steps plus a multi-step KL),
     Identity-GRPO (--method grpo: group rollouts with the SDE sampler, clipped policy update)
     or the SFT baseline (--method sft).
 
-    The config is validated before any compute. Checkpoints (LoRA in diffusers format,
+    The config is validated before any compute, and on a GPU the step's planned peak memory
+    (`ipro plan`) is checked against the GPU's (skipped on a CPU-only machine unless
+    --gpu-memory is given; --no-memory-check skips it). Checkpoints (LoRA in diffusers format,
     optimizer, step) go to run.output_dir/checkpoint-<step>; TensorBoard logs beside them.
     Several GPUs: `accelerate launch --num_processes N -m ipro.cli.main train -c cfg.yaml`.
     """
@@ -49,6 +55,13 @@ def train_command(
     if method:
         overrides["method"] = method
     cfg = load_config(config, overrides)
+    if not no_memory_check and cfg.method != "sft":
+        from ipro.cli.plan import check_fits, gpu_budget, parse_memory
+
+        found = gpu_budget()
+        if gpu_memory is not None or found is not None:
+            budget, gpus, fsdp = found or (0, 1, False)
+            check_fits(cfg, parse_memory(gpu_memory) if gpu_memory else budget, gpus, fsdp)
     from ipro.train.methods import trainer_class
 
     trainer = trainer_class(cfg.method)(cfg)
