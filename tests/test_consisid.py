@@ -83,6 +83,7 @@ def test_curricularface_checkpoint_is_loaded_and_used(tmp_path, photo):
         CurricularFaceIR.from_checkpoint(tmp_path / "bad.bin")
 
 
+@pytest.mark.slow  # two CLI processes
 def test_eval_cli_consisid_protocol(tmp_path, photo, carphone):
     from ipro.data.video import write_image, write_video
 

@@ -100,17 +100,20 @@ def test_a14b_merge_lightning_writes_one_file_per_expert(tiny, face, tmp_path):
     family = "wan2.2-i2v-a14b"
     model = trained(tiny, family)
     run = tmp_path / "run"
-    light = trained(tiny, "wan2.1-i2v", rank=2, seed=3).save_lora(tmp_path / "light")  # same block shapes as the tiny A14B
+    # Lightning LoRAs of the tiny 2.1 model fit the tiny A14B's experts (same block shapes); one per expert.
+    light = [trained(tiny, "wan2.1-i2v", rank=r, seed=3).save_lora(tmp_path / f"light{r}") for r in (2, 3)]
     ckpt = run / "checkpoint-000002"
     model.save_lora(ckpt / "lora")
     (ckpt / "state.json").write_text("{}")
-    config = {"model": {"path": str(tiny[family]), "lightning_lora": str(light)}}
+    config = {"model": {"path": str(tiny[family]), "lightning_lora": [str(p) for p in light]}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     files = export_lora(run, "comfyui", merge_lightning=True)
     assert [f.name for f in files] == ["lora-comfyui_high_noise.safetensors", "lora-comfyui_low_noise.safetensors"]
     high, low = (load_file(str(f)) for f in files)
     assert high["diffusion_model.blocks.0.self_attn.q.lora_down.weight"].shape[0] == 2  # Lightning only
-    assert low["diffusion_model.blocks.0.self_attn.q.lora_down.weight"].shape[0] == 6  # ours (4) + Lightning (2)
+    assert low["diffusion_model.blocks.0.self_attn.q.lora_down.weight"].shape[0] == 7  # ours (4) + its Lightning (3)
+    with pytest.raises(IproError, match="one per expert"):
+        export_lora(run, "comfyui", lightning=[light[0]])
 
 
 def test_export_errors_are_one_line(tiny, tmp_path):
@@ -126,6 +129,7 @@ def test_export_errors_are_one_line(tiny, tmp_path):
         export_lora(lora, "comfyui", merge_lightning=True)
 
 
+@pytest.mark.slow  # two CLI processes
 def test_export_lora_cli(tiny, tmp_path):
     lora = trained(tiny, "wan2.2-ti2v").save_lora(tmp_path / "lora")
     out = tmp_path / "cli.safetensors"
