@@ -248,18 +248,20 @@ class WanModel(VideoModel):
 
     # --- LoRA files ----------------------------------------------------------------------
 
-    def save_lora(self, directory: str | Path) -> Path:
+    def save_lora(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write pytorch_lora_weights.safetensors that `pipe.load_lora_weights(directory)` loads.
 
         For A14B the file holds the low-noise expert's LoRA: load it with
         `pipe.load_lora_weights(directory, load_into_transformer_2=True)`.
+        state_dict: the trained module's tensors by name to write instead of reading the module
+        (under FSDP2 the module holds shards; the trainer gathers them first).
         """
         from peft.utils import get_peft_model_state_dict
 
         if self.finetune != "lora":
             raise ValueError("save_lora needs a model loaded with finetune='lora'")
         module = self.trainable_module
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module, state_dict, adapter_name=ADAPTER).items()}
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.pipeline_class.save_lora_weights(

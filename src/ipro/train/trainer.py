@@ -12,6 +12,7 @@ needs the trainable weights, the optimizer and the step.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -84,11 +85,15 @@ class Trainer:
         self.optimizer = opt_cls(params, lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
 
         def wrap(module):
+            if accelerator.is_fsdp2:
+                _fsdp2_precision(accelerator.state.fsdp_plugin, module, self.model.dtype)
             # One prepare call for both: DeepSpeed builds its engine from the pair.
             wrapped, self.optimizer = accelerator.prepare(module, self.optimizer)
             return wrapped
 
         self.model.wrap_trainable(wrap)
+        # FSDP2 replaced the parameters with sharded DTensors (only the trained expert is wrapped).
+        self.named_params = _named(self.model.trainable_module, self.model.trainable_parameters())
         self.ema = {k: p.detach().clone() for k, p in self.named_params.items()} if c.optim.ema_decay else None
         self.global_step = 0
         self.nonfinite_streak = 0
@@ -257,6 +262,7 @@ class Trainer:
     # --- Checkpoints ---------------------------------------------------------------------
 
     def save(self) -> Path | None:
+        params, optimizer_state, ema = self._gathered_state()  # every rank: FSDP2 gathers shards here
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -267,12 +273,27 @@ class Trainer:
             "nonfinite_streak": self.nonfinite_streak,
             "config": self.config.model_dump(mode="json"),
         }
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the real one
+        write_lora = None
+        if self.config.model.lora_rank > 0:
+            write_lora = functools.partial(self.model.save_lora, state_dict=params) if self.accelerator.is_fsdp2 else self.model.save_lora
         return save_checkpoint(
-            self.output_dir, self.global_step, self.named_params, opt, state, self.ema,
-            write_lora=self.model.save_lora if self.config.model.lora_rank > 0 else None,
-            keep_last=self.config.run.keep_last,
+            self.output_dir, self.global_step, params, optimizer_state, state, ema,
+            write_lora=write_lora, keep_last=self.config.run.keep_last,
         )
+
+    def _gathered_state(self) -> tuple[dict, dict, dict | None]:
+        """Trainable weights, optimizer state and EMA as whole tensors. Under FSDP2 they are
+        sharded across ranks, so every rank must call this (it all-gathers)."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the real one
+        if not self.accelerator.is_fsdp2:
+            return self.named_params, opt.state_dict(), self.ema
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        params = {k: _whole(p.detach()) for k, p in self.named_params.items()}
+        ema = {k: _whole(v) for k, v in self.ema.items()} if self.ema is not None else None
+        # Keyed by parameter name (not index), whole tensors, on rank 0's CPU only.
+        optimizer_state = get_optimizer_state_dict(self.model.trainable_module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return params, optimizer_state, ema
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the latest checkpoint (or `path`); returns False if there is none."""
@@ -290,11 +311,16 @@ class Trainer:
             raise IproError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another model.lora_* setting?")
         with torch.no_grad():
             for k, p in self.named_params.items():
-                p.copy_(ckpt["params"][k].to(p.device, p.dtype))
+                p.copy_(_shard_like(ckpt["params"][k], p))
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
-        opt.load_state_dict(ckpt["optimizer"])
+        if self.accelerator.is_fsdp2:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model.trainable_module, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt["ema"] is not None:
-            self.ema = {k: v.to(self.named_params[k].device) for k, v in ckpt["ema"].items()}
+            self.ema = {k: _shard_like(v, self.named_params[k]) for k, v in ckpt["ema"].items()}
         s = ckpt["state"]
         self.global_step = int(s["step"])
         self.samples_seen = int(s.get("samples_seen", 0))
@@ -411,6 +437,31 @@ def _named(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[st
     if len(named) != len(params):
         raise RuntimeError("trainable parameters must belong to model.trainable_module")
     return named
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shard) gathered into one tensor on every rank; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a checkpoint, as `like` holds it: this rank's shard under FSDP2."""
+    value = value.to(like.device, like.dtype)
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, like.device_mesh, like.placements)
+    return value
+
+
+def _fsdp2_precision(plugin, module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """FSDP2 gathers each block's weights in one dtype. LoRA trains in float32 beside bf16 base
+    weights, so unless a mixed-precision policy is set, compute in the model's dtype and reduce
+    gradients in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if plugin.mixed_precision_policy is None and len({p.dtype for p in module.parameters()}) > 1:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _has_wandb() -> bool:
