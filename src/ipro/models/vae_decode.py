@@ -1,7 +1,7 @@
 """A differentiable decode of diffusers' `AutoencoderKLWan` whose autograd memory does not hold the clip.
 
 `vae.decode` under autograd keeps every activation of every latent frame for backward
-(~0.6 TB for the Wan 2.1 VAE at 480x832x81 in bf16). The Wan decoder is causal in time:
+(338 GB for the Wan 2.1 VAE at 480x832x81 in bf16). The Wan decoder is causal in time:
 it already runs one latent frame ("chunk") at a time, and each causal conv carries the last
 two frames of its input to the next chunk in a cache list that it fills in place. Here each
 chunk is one autograd node,
@@ -10,17 +10,21 @@ chunk is one autograd node,
 
 run without autograd in forward and recomputed with autograd in its backward. The gradient
 reaches earlier latents through the cache tensors, and backward rebuilds one chunk's
-activations at a time. Autograd keeps only the latents and, per chunk, the cache it received
-(the last two frames at each causal conv), instead of every activation of every frame.
+activations at a time. One node per chunk would still keep one cache (the last two frames at
+each causal conv, ~1.9 GB for Wan 2.1 at 480x832 in bf16) per latent frame, so chunks are
+grouped into ~sqrt(n) segments, each itself such a node whose backward recomputes it as
+per-chunk nodes: autograd keeps ~sqrt(n) caches after forward, ~2 sqrt(n) during backward,
+and the decode runs forward three times instead of twice.
 
 Optional spatial tiles (side in pixels, overlap a quarter of the side) are decoded and
-blended exactly like diffusers' `tiled_decode`, and stay one node per (tile, chunk).
+blended exactly like diffusers' `tiled_decode`; each tile has its own cache and segments.
 Chunks after the last requested frame are never decoded. Everything depends on shapes only
 (no `.item()`, no branch on values), so it also runs on `meta` tensors for memory planning.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -69,51 +73,80 @@ def _join(layout: tuple, tensors: Sequence[torch.Tensor]) -> list:
     return [next(it) if kind == TENSOR else kind for kind in layout]
 
 
-class _CheckpointedChunk(torch.autograd.Function):
-    """`_decode_chunk` as one autograd node that saves only its inputs and recomputes in backward."""
+class _Recomputed(torch.autograd.Function):
+    """`run(z, cache, nested) -> (frames, cache)` as one autograd node that saves only its inputs.
+
+    Forward runs it without autograd; backward runs it again with autograd (`nested=True`: a
+    segment then builds one such node per chunk, so its recompute keeps only their caches) and
+    backpropagates the incoming gradients to the latents and the incoming cache.
+    """
 
     @staticmethod
-    def forward(ctx, vae, first, keep, layout, result, z, *cache):
-        ctx.vae, ctx.first, ctx.keep, ctx.layout = vae, first, keep, layout
+    def forward(ctx, run, layout, result, z, *cache):
+        ctx.run, ctx.layout = run, layout
         ctx.save_for_backward(z, *cache)
-        ctx.set_materialize_grads(False)  # the last chunk's outgoing cache gets no gradient: skip it
-        out, new_cache = _decode_chunk(vae, z, _join(layout, cache), first, keep)
+        ctx.set_materialize_grads(False)  # outputs nothing reads (the last cache) get no gradient: skip them
+        out, new_cache = run(z, _join(layout, cache), False)
         new_layout, new_tensors = _split(new_cache)
         result.append(new_layout)  # the caller needs the outgoing layout (None / "Rep" / tensor per slot)
         return (out, *new_tensors)
 
     @staticmethod
     def backward(ctx, grad_out, *grad_cache):
-        saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[3:]
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(n) for t, n in zip(saved, needs)]
-            out, new_cache = _decode_chunk(ctx.vae, inputs[0], _join(ctx.layout, inputs[1:]), ctx.first, ctx.keep)
+            inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
+            out, new_cache = ctx.run(inputs[0], _join(ctx.layout, inputs[1:]), True)
         pairs = [(o, g) for o, g in zip([out, *_split(new_cache)[1]], [grad_out, *grad_cache]) if g is not None]
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs and wanted else [])
-        return (None, None, None, None, None, *[next(grads) if t.requires_grad else None for t in inputs])
+        return (None, None, None, *[next(grads) if t.requires_grad else None for t in inputs])
+
+
+def _node(run, z: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
+    result: list = []
+    layout, tensors = _split(cache)
+    out, *new_tensors = _Recomputed.apply(run, layout, result, z, *tensors)
+    return out, _join(result[0], new_tensors)
+
+
+def _decode_chunks(vae, z: torch.Tensor, cache: list, first: int, keeps: list[list[int]], nodes: bool) -> tuple[torch.Tensor, list]:
+    """Latent frames first, first+1, ... (z holds them) one after the other; `nodes`: each one its own autograd node."""
+    kept = []
+    for i, keep in enumerate(keeps):
+        def run(z_k, cache_k, _nested, first_chunk=first + i == 0, keep=keep):
+            return _decode_chunk(vae, z_k, cache_k, first_chunk, keep)
+
+        z_k = z[:, :, i : i + 1]
+        out, cache = _node(run, z_k, cache) if nodes else run(z_k, cache, False)
+        if out.shape[2] != len(keep):
+            raise RuntimeError(f"latent frame {first + i} decoded to {out.shape[2]} frames, expected {len(keep)}: unsupported Wan VAE layout")
+        kept.append(out)
+    return torch.cat(kept, dim=2), cache
 
 
 def _decode_tile(vae, z: torch.Tensor, wanted: set[int], checkpoint: bool) -> torch.Tensor:
-    """Decode chunk after chunk with a private causal cache; only `wanted` output frames are kept."""
+    """Decode latent frame after latent frame with a private causal cache; keep only the `wanted` output frames.
+
+    With `checkpoint`, consecutive latent frames form about sqrt(n) segments: each segment is one
+    node that keeps only the cache it received, and whose recompute in backward makes one node
+    per latent frame. Autograd then holds ~sqrt(n) caches after forward and ~2 sqrt(n) during
+    backward, for one extra decode forward.
+    """
+    t_scale = vae.config.scale_factor_temporal
+    n = max(0 if f == 0 else (f - 1) // t_scale + 1 for f in wanted) + 1  # latent frames to decode
+    keeps = [[i for i in range(1 if k == 0 else t_scale) if (0 if k == 0 else 1 + (k - 1) * t_scale) + i in wanted] for k in range(n)]
     cache: list = [None] * _num_causal_convs(vae)
-    last_chunk = max(0 if f == 0 else (f - 1) // vae.config.scale_factor_temporal + 1 for f in wanted)
-    kept, start = [], 0
-    for k in range(last_chunk + 1):
-        count = 1 if k == 0 else vae.config.scale_factor_temporal  # frames this chunk decodes to
-        keep = [i for i in range(count) if start + i in wanted]
-        z_k = z[:, :, k : k + 1]
-        if checkpoint:
-            result: list = []
-            out, *tensors = _CheckpointedChunk.apply(vae, k == 0, keep, _split(cache)[0], result, z_k, *_split(cache)[1])
-            cache = _join(result[0], tensors)
-        else:
-            out, cache = _decode_chunk(vae, z_k, cache, k == 0, keep)
-        if out.shape[2] != len(keep):
-            raise RuntimeError(f"chunk {k} decoded {out.shape[2]} frames, expected {len(keep)}: unsupported Wan VAE layout")
+    if not checkpoint:
+        return _decode_chunks(vae, z, cache, 0, keeps, nodes=False)[0]
+    size = math.ceil(math.sqrt(n))
+    kept = []
+    for first in range(0, n, size):
+        def run(z_s, cache_s, nested, first=first):
+            return _decode_chunks(vae, z_s, cache_s, first, keeps[first : first + size], nodes=nested)
+
+        out, cache = _node(run, z[:, :, first : first + size], cache)
         kept.append(out)
-        start += count
     return torch.cat(kept, dim=2)
 
 
