@@ -85,8 +85,6 @@ class Trainer:
         self.optimizer = opt_cls(params, lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
 
         def wrap(module):
-            if accelerator.is_fsdp2:
-                _fsdp2_precision(accelerator.state.fsdp_plugin, module, self.model.dtype)
             # One prepare call for both: DeepSpeed builds its engine from the pair.
             wrapped, self.optimizer = accelerator.prepare(module, self.optimizer)
             return wrapped
@@ -452,16 +450,6 @@ def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
         value = distribute_tensor(value, like.device_mesh, like.placements)
     return value
-
-
-def _fsdp2_precision(plugin, module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """FSDP2 gathers each block's weights in one dtype. LoRA trains in float32 beside bf16 base
-    weights, so unless a mixed-precision policy is set, compute in the model's dtype and reduce
-    gradients in float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if plugin.mixed_precision_policy is None and len({p.dtype for p in module.parameters()}) > 1:
-        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _has_wandb() -> bool:
