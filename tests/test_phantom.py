@@ -355,3 +355,20 @@ def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphon
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     (video_metrics,) = metrics["videos"]
     assert video_metrics["name"] == "a+b" and video_metrics["details"]["people_in_input"] == 2  # one per reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["phantom-grpo.yaml", "phantom-ipro.yaml"])
+def test_gpu_presets_fit_one_80gb_gpu_by_the_planner(preset):
+    """`ipro plan` on the shipped real-size Phantom-Wan 1.3B configs (meta device, no weights)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "ipro.cli.main", "plan", "-c", f"configs/{preset}", "--gpu-memory", "80GB"],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "(phantom)" in out.stdout and "fits one 80 GB GPU" in out.stdout, out.stdout
+    peak = float(out.stdout.split("overall peak (one GPU)")[1].split()[0])
+    assert peak > 3.0  # the 1.3B transformer and UMT5-XXL were counted
