@@ -139,3 +139,25 @@ def test_export_lora_cli(tiny, tmp_path):
     assert f"wrote {out}" in run.stdout and any(k.startswith("diffusion_model.") for k in load_file(str(out)))
     bad = subprocess.run([IPRO, "export-lora", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_embedded_pixel_model_exports_in_diffusers_format(face, tmp_path):
+    from ipro.models import resolve_model_path
+
+    path = resolve_model_path("builtin", tmp_path)
+    model = load_model(path, finetune="lora", lora_rank=4, lora_alpha=8.0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for name, p in model.trainable_module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    (file,) = export_lora(model.save_lora(tmp_path / "lora"), "diffusers", tmp_path / "pixel.safetensors", family="pixel-i2v")
+    torch.manual_seed(5)
+    cond = model.prepare_condition(face[1], [PROMPT], 9, 64, 64)
+    x = torch.randn(model.latent_shape(1, 9, 64, 64))
+    with torch.no_grad():
+        expected = model.velocity(x, torch.tensor(300.0), cond)
+        again = load_model(path, lora=file).velocity(x, torch.tensor(300.0), cond)
+        base = load_model(path).velocity(x, torch.tensor(300.0), cond)
+    assert torch.allclose(again, expected, rtol=1e-5, atol=1e-5)
+    assert (base - expected).abs().max() > 1e-3  # the LoRA does change the output
