@@ -50,10 +50,16 @@ def _lora_file(path: str | Path, what: str) -> Path:
 def _lora_source(file: Path):
     """What `pipe.load_lora_weights` gets: the path (it reads a diffusers file's alpha from its
     metadata), or our conversion of a ComfyUI / lightx2v file (alpha already folded in)."""
-    from ipro.models.lora_formats import read_lora
+    from safetensors import safe_open
 
-    state, metadata = read_lora(file, WanImageToVideoPipeline)
-    return str(file) if metadata is not None else state
+    from ipro.models.lora_formats import is_comfyui, read_lora
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            comfy = is_comfyui(f.keys())
+    except Exception:  # not safetensors (a .bin LoRA): diffusers reads it, or says why not
+        comfy = False
+    return read_lora(file, WanImageToVideoPipeline)[0] if comfy else str(file)
 
 
 class WanModel(VideoModel):
