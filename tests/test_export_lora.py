@@ -161,3 +161,13 @@ def test_embedded_pixel_model_exports_in_diffusers_format(face, tmp_path):
         base = load_model(path).velocity(x, torch.tensor(300.0), cond)
     assert torch.allclose(again, expected, rtol=1e-5, atol=1e-5)
     assert (base - expected).abs().max() > 1e-3  # the LoRA does change the output
+
+
+def test_comfyui_keys_outside_the_blocks_keep_their_alpha():
+    from ipro.models.lora_formats import comfyui_modules
+
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    state = {"diffusion_model.head.head.lora_down.weight": down, "diffusion_model.head.head.lora_up.weight": up,
+             "diffusion_model.head.head.alpha": torch.tensor(1.0), "diffusion_model.blocks.0.norm3.diff_b": torch.ones(8)}
+    modules, rest = comfyui_modules(state, "x.safetensors")
+    assert modules == {} and set(rest) == set(state) and float(rest["diffusion_model.head.head.alpha"]) == 1.0

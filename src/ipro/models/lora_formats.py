@@ -102,8 +102,10 @@ def comfyui_modules(state: dict[str, torch.Tensor], what: str) -> tuple[Modules,
     for module, value in modules.items():
         try:
             mapped[_rename(module, DIFFUSERS_NAMES, what)] = value
-        except IproError:
-            rest.update({f"{module}.lora_down.weight": value[0], f"{module}.lora_up.weight": value[1]})
+        except IproError:  # not a block module we map (time/text embedding, head): kept as ComfyUI keys
+            down, up, scale = value
+            rest.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up,
+                         f"{module}.alpha": torch.tensor(scale * down.shape[0], dtype=torch.float32)})
     return mapped, {COMFY_PREFIX + k: v for k, v in rest.items()}
 
 
