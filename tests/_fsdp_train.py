@@ -1,14 +1,15 @@
-"""Run by test_offload.py: one IPRO step on the tiny Wan 2.2 A14B preset, either sharded with
-FSDP2 over two CPU processes (under torchrun, gloo) or in one process with the same data, then
-the step's loss and the saved checkpoint for the test to compare.
+"""Run by test_offload.py: one IPRO step on the tiny Wan 2.2 A14B preset, either over two CPU
+processes (under torchrun, gloo) sharded with FSDP2 or replicated with DDP, or in one process
+with the same data, then the step's loss and the saved checkpoint for the test to compare.
 
-    python _fsdp_train.py DATASET OUT single|fsdp2 CHECKPOINTING(0|1)
+    python _fsdp_train.py DATASET OUT single|fsdp2|ddp CHECKPOINTING(0|1)
 
 The two layouts see the same samples: process r of two and micro-batch r of one process
 (optim.grad_accum 2) get the same clip from `batch_at`, and the step generator below keys
 their noise alike. Everything else is the trainer's own code path.
 """
 
+import copy
 import json
 import os
 import sys
@@ -38,8 +39,8 @@ cfg = load_config(overrides={
     "run.output_dir": str(out), "run.device": "cpu", "run.seed": 3,
 })
 
-if single:
-    accelerator = Accelerator(cpu=True)
+if layout != "fsdp2":
+    accelerator = Accelerator(cpu=True)  # two processes: accelerate's MULTI_CPU, i.e. DDP
 else:
     # What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` puts in the
     # environment, from accelerate's own launcher code.
@@ -86,7 +87,7 @@ logs = trainer.step()
 loss = accelerator.gather(torch.tensor([float(logs["loss"])])).mean()  # one process: its own mean over micro-batches
 path = trainer.save()
 # Resuming from that checkpoint puts every rank's shard of weights and optimizer state back.
-before = trainer._gathered_state()
+before = copy.deepcopy(trainer._gathered_state())  # without FSDP these are the live tensors
 optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
 with torch.no_grad():  # wipe this run's state, so only the resume can bring it back
     for p in trainer.named_params.values():

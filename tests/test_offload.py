@@ -171,35 +171,46 @@ def test_gradient_checkpointing_recomputes_the_trained_expert_with_the_same_grad
 # --- FSDP2 -----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_fsdp2_step_on_two_processes_equals_one_process(dataset, tmp_path):
-    """An IPRO step of the A14B preset sharded by FSDP2 (configs/accelerate/fsdp2.yaml, two
-    gloo processes, gradient checkpointing on) against one process taking both samples
-    (checkpointing off): same loss, gradients and update to float32 rounding; only the
-    trained expert is sharded; the saved checkpoint resumes into the shards."""
-    import json
+HARNESS = str(Path(__file__).with_name("_fsdp_train.py"))
+
+
+def run_harness(*args: str) -> None:
     import os
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process(dataset, tmp_path_factory) -> Path:
+    """The reference: one process, both samples as two micro-batches, no checkpointing."""
+    out = tmp_path_factory.mktemp("one-process")
+    run_harness(HARNESS, str(dataset), str(out), "single", "0")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, port", [("fsdp2", "29537"), ("ddp", "29538")])
+def test_two_process_step_with_checkpointing_equals_one_process(one_process, dataset, tmp_path, layout, port):
+    """An IPRO step of the A14B preset on two gloo processes, sharded by FSDP2
+    (configs/accelerate/fsdp2.yaml) or replicated by DDP, with gradient checkpointing on,
+    against one process taking both samples with it off: same loss, gradients and update to
+    float32 rounding; FSDP2 shards only the trained expert; the checkpoint resumes."""
+    import json
+
     from safetensors.torch import load_file
 
-    script = str(Path(__file__).with_name("_fsdp_train.py"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, script, str(dataset), str(tmp_path / "single"), "single", "0"], capture_output=True, text=True, env=env)
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-                              script, str(dataset), str(tmp_path / "fsdp"), "fsdp2", "1"], capture_output=True, text=True, env=env)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    one, two = (json.loads((tmp_path / run / "result.json").read_text()) for run in ("single", "fsdp"))
-    assert two["trained_expert_sharded"] and not two["frozen_expert_sharded"] and not one["trained_expert_sharded"]
+    run_harness("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, HARNESS, str(dataset), str(tmp_path), layout, "1")
+    one, two = (json.loads((run / "result.json").read_text()) for run in (one_process, tmp_path))
+    assert two["trained_expert_sharded"] == (layout == "fsdp2") and not two["frozen_expert_sharded"]
     assert two["resume_restores_state"]
     assert one["loss"] > 0 and two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
     for name in ("grads.safetensors", "checkpoint-1/trainable.safetensors", "checkpoint-1/lora/pytorch_lora_weights.safetensors"):
-        a, b = load_file(tmp_path / "single" / name), load_file(tmp_path / "fsdp" / name)
+        a, b = load_file(one_process / name), load_file(tmp_path / name)
         assert a.keys() == b.keys() and len(a) > 0, name
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * float(a[k].abs().max()), msg=f"{name}: {k}")
-    grads = load_file(tmp_path / "single" / "grads.safetensors")
-    assert all(g.abs().sum() > 0 for g in grads.values())  # every LoRA weight moved
+    assert all(g.abs().sum() > 0 for g in load_file(one_process / "grads.safetensors").values())  # every LoRA weight moved
