@@ -111,10 +111,16 @@ def test_reference_velocity_equals_frozen_copy(tiny, face, family):
     for t in (torch.tensor(950.0), torch.tensor(300.0)):  # both experts for A14B
         expected = base.velocity(x, t, cond)
         assert torch.equal(lora.reference_velocity(x, t, cond), expected)
-        assert torch.equal(full.reference_velocity(x, t, cond), expected)
+        # The frozen copy holds the base weights bit for bit (checked below); its output can differ
+        # in the last float32 bit (measured 7e-7 on values up to 2.4), as a copy's memory layout
+        # may take another kernel path.
+        assert torch.allclose(full.reference_velocity(x, t, cond), expected, rtol=0, atol=1e-5)
         trained_expert_runs = family != "wan2.2-i2v-a14b" or t < 900  # A14B's high-noise expert stays frozen
         assert torch.equal(lora.velocity(x, t, cond), expected) != trained_expert_runs
     assert sum(p.numel() for p in full.trainable_parameters()) == sum(p.numel() for p in full.trainable_module.parameters())
+    frozen = dict(full._frozen.named_parameters())
+    base_weights = dict(base.trainable_module.named_parameters())
+    assert frozen.keys() == base_weights.keys() and all(torch.equal(frozen[k], base_weights[k]) for k in frozen)
 
 
 # diffusers pads a Wan 2.1 LoRA with zero image-attention layers when loading it, and peft says so.
