@@ -1,4 +1,5 @@
-"""A reward-hacking monitor for training: how many rollouts have a frozen ("copy-paste") face.
+"""Training-time logging: accelerate's trackers (`trackers`) and a reward-hacking monitor
+(`HackingMonitor`): how many rollouts have a frozen ("copy-paste") face.
 
 Every `run.log_every` steps the trainer hands over the frames its method already decoded
 (IPRO's reward frames, GRPO's group videos), and this logs, beside reward and KL:
@@ -16,12 +17,30 @@ It runs without gradient on detached frames. When the rigid rate rises above
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ipro.errors import IproError
 from ipro.eval import identity, rigid
+
+
+def trackers(log_with: list[str], output_dir: Path) -> list[str]:
+    """accelerate trackers for run.log_with. wandb never needs the network: without an API key
+    or WANDB_MODE it runs offline and writes its run folder under output_dir/wandb
+    (`wandb sync` uploads it later)."""
+    if "wandb" in log_with:
+        if importlib.util.find_spec("wandb") is None:
+            raise IproError("run.log_with: wandb is not installed; `pip install wandb` or log with tensorboard")
+        if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", str(output_dir))
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return list(log_with)
 
 
 class HackingMonitor:

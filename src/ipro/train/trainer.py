@@ -53,7 +53,9 @@ class Trainer:
         out = Path(c.run.output_dir)
         self.output_dir = out
         if accelerator is None:
-            trackers = _trackers(c.run.log_with, out)
+            from ipro.train.monitor import trackers as make_trackers
+
+            trackers = make_trackers(c.run.log_with, out)
             accelerator = Accelerator(
                 mixed_precision=c.optim.mixed_precision,
                 log_with=trackers or None,
@@ -450,28 +452,6 @@ def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
         value = distribute_tensor(value, like.device_mesh, like.placements)
     return value
-
-
-def _has_wandb() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("wandb") is not None
-
-
-def _trackers(log_with: list[str], output_dir: Path) -> list[str]:
-    """accelerate trackers for run.log_with. wandb never needs the network: without an API key
-    or WANDB_MODE it runs offline and writes its run folder under output_dir/wandb
-    (`wandb sync` uploads it later)."""
-    import os
-
-    if "wandb" in log_with:
-        if not _has_wandb():
-            raise IproError("run.log_with: wandb is not installed; `pip install wandb` or log with tensorboard")
-        if "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
-            os.environ["WANDB_MODE"] = "offline"
-        os.environ.setdefault("WANDB_DIR", str(output_dir))
-        output_dir.mkdir(parents=True, exist_ok=True)
-    return list(log_with)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
