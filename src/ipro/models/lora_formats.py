@@ -148,6 +148,19 @@ def read_lora(file: str | Path, pipeline_class=None) -> tuple[dict[str, torch.Te
         raise IproError(f"{file}: not a Wan LoRA ({str(e).splitlines()[0][:200]})") from None
 
 
+def pipeline_source(file: str | Path):
+    """What `pipe.load_lora_weights` gets: the path (it reads a diffusers file's alpha from its
+    metadata), or our conversion of a ComfyUI / lightx2v file (alpha already folded in)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            comfy = is_comfyui(f.keys())
+    except Exception:  # not safetensors (a .bin LoRA): diffusers reads it, or says why not
+        comfy = False
+    return read_lora(file)[0] if comfy else str(file)
+
+
 def lora_scale(metadata: dict | None) -> float:
     """alpha / r of a peft LoRA config (1.0 without one)."""
     metadata = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in (metadata or {}).items()}  # diffusers prefixes the file's keys

@@ -47,21 +47,6 @@ def _lora_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def _lora_source(file: Path):
-    """What `pipe.load_lora_weights` gets: the path (it reads a diffusers file's alpha from its
-    metadata), or our conversion of a ComfyUI / lightx2v file (alpha already folded in)."""
-    from safetensors import safe_open
-
-    from ipro.models.lora_formats import is_comfyui, read_lora
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            comfy = is_comfyui(f.keys())
-    except Exception:  # not safetensors (a .bin LoRA): diffusers reads it, or says why not
-        comfy = False
-    return read_lora(file, WanImageToVideoPipeline)[0] if comfy else str(file)
-
-
 class WanModel(VideoModel):
     """A Wan checkpoint driven through the `VideoModel` interface (see the module docstring)."""
 
@@ -302,7 +287,9 @@ class WanModel(VideoModel):
         try:
             with warnings.catch_warnings():  # Wan 2.1: diffusers pads the image-attention LoRA with zeros, peft warns
                 warnings.filterwarnings("ignore", message="While injecting the PEFT adapters")
-                self.pipe.load_lora_weights(_lora_source(file), adapter_name=ADAPTER, load_into_transformer_2=two_experts)
+                from ipro.models.lora_formats import pipeline_source
+
+                self.pipe.load_lora_weights(pipeline_source(file), adapter_name=ADAPTER, load_into_transformer_2=two_experts)
         except (ValueError, KeyError, RuntimeError) as e:
             raise IproError(f"{file}: not a Wan LoRA this model can load ({str(e).splitlines()[0][:200]})") from None
 
