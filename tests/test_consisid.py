@@ -81,6 +81,8 @@ def test_curricularface_checkpoint_is_loaded_and_used(tmp_path, photo):
     (tmp_path / "bad.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(IproError, match="CurricularFace checkpoint"):
         CurricularFaceIR.from_checkpoint(tmp_path / "bad.bin")
+    with pytest.raises(IproError, match="ArcFace checkpoint .*does not exist"):
+        ConsisIDProtocol(arcface=tmp_path / "missing.pth")
 
 
 @pytest.mark.slow  # two CLI processes
