@@ -74,7 +74,7 @@ def _validate(config: Path) -> dict:
 
 
 def _medium_model(root: Path) -> Path:
-    """The Wan 2.1 I2V 14B configs shrunk to ~50 M parameters (width 512, 10 blocks), tiny encoders and VAE."""
+    """The Wan 2.1 I2V 14B configs shrunk to ~130 M parameters (width 768, 12 blocks), tiny encoders and VAE."""
     import shutil
 
     from ipro.memory.meta import arch_folder
@@ -86,8 +86,8 @@ def _medium_model(root: Path) -> Path:
         p = out / path
         p.write_text(json.dumps({**json.loads(p.read_text()), **kw}))
 
-    edit("transformer/config.json", num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=10, text_dim=64,
-         image_dim=32, added_kv_proj_dim=512)
+    edit("transformer/config.json", num_attention_heads=12, attention_head_dim=64, ffn_dim=3072, num_layers=12, text_dim=64,
+         image_dim=32, added_kv_proj_dim=768)
     edit("text_encoder/config.json", vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
     edit("image_encoder/config.json", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
          image_size=32, patch_size=8, projection_dim=32)
@@ -106,7 +106,7 @@ def test_plan_matches_measured_peak_rss(size, tmp_path):
     cfg["data"]["dataset"] = str(tmp_path / "unused")
     if size == "medium":
         cfg["model"] = {"path": str(_medium_model(tmp_path)), "lora_rank": 16, "lora_alpha": 16, "gradient_checkpointing": True}
-        cfg["data"].update(height=240, width=320, num_frames=17)
+        cfg["data"].update(height=128, width=160, num_frames=17)
         cfg["sampler"] = {"num_steps": 4, "grad_steps": 2}
         cfg["reward"] = {"max_frames": 5}
         cfg["kl"] = {"weight": 1.0}

@@ -136,7 +136,10 @@ def plan_command(
     typer.echo(f"does NOT fit one {budget / GB:.0f} GB GPU: {plan.peak / GB:.1f} GB predicted")
     if needed:
         typer.echo(f"  FSDP2 on {needed} GPUs: {plan.peak_on(needed) / GB:.1f} GB per GPU "
-                   "(accelerate launch --config_file configs/accelerate/fsdp.yaml ...)")
+                   "(accelerate launch --config_file configs/accelerate/fsdp2.yaml ...)")
+    else:
+        typer.echo(f"  FSDP2 on any number of GPUs: still {plan.peak_on(64) / GB:.1f} GB per GPU (it shards weights, "
+                   "gradients and optimizer state, not one video's activations)")
     for label, peak in advise(cfg, plan, arch=arch):
         verdict = "fits" if peak <= budget else "still over"
         typer.echo(f"  --set {label}: {peak / GB:.1f} GB ({verdict})")

@@ -20,8 +20,9 @@ Estimated rather than traced: the face reward runs its real recognizer on `meta`
 per scored frame (detection runs without gradient on a downscaled copy, counted as that copy);
 a learned (VLM) reward model's weights are not counted. Repeated no-gradient transformer calls
 of the same shape are traced once and replayed as their measured transient, which keeps a
-25-step GRPO rollout to seconds. Autocast is not emulated (the frozen VAE's activations are
-counted in its load dtype). The caching allocator's rounding and fragmentation come on top
+25-step GRPO rollout to seconds. Autocast (optim.mixed_precision bf16) is emulated by tracing
+the frozen float32 VAE in bf16 (its float32 weights still count), as the GPU's autocast runs
+its convolutions. The caching allocator's rounding and fragmentation come on top
 (typically a few percent); `ipro plan` reports allocated bytes, like torch.cuda.max_memory_allocated.
 """
 
@@ -121,6 +122,22 @@ class Planner:
             self.model = load_for_training(m, Path(cache_dir), device)
         self.folder = folder
         self.device = torch.device(device)
+        if cfg.model.lightning_lora and hasattr(self.model, "merge_lightning"):
+            # Not merged (no file needed: merging changes no shapes), but its schedule is used,
+            # which decides which A14B expert each step runs.
+            from ipro.models.base import scheduler_with_shift
+
+            self.model.scheduler = scheduler_with_shift(self.model.scheduler, 5.0)
+        # Autocast (optim.mixed_precision) runs the frozen float32 VAE's convolutions in bf16 on the
+        # GPU; meta tensors know no autocast, so the VAE is traced in that dtype and the bytes its
+        # float32 weights hold beyond that are added back as resident.
+        self.autocast_extra = 0
+        vae = getattr(self.model, "vae", None)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.mixed_precision)
+        if device == "meta" and low is not None and vae is not None and vae.dtype == torch.float32:
+            before = tensor_bytes(vae.parameters())
+            vae.to(low)
+            self.autocast_extra = before - tensor_bytes(vae.parameters())
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -233,6 +250,8 @@ class Planner:
         mem = mem or LiveMemory()
         with mem:
             weights = mem.hold(self._weights(cfg))
+            mem.add(self.autocast_extra)
+            weights += self.autocast_extra
             reward_weights = mem.hold(_recognizer(cfg, self.device).parameters())
             if offloaded is not None:
                 mem.add(_block_bytes(offloaded))
