@@ -93,22 +93,20 @@ def write_footage(root: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
-@torch.no_grad()
 def generate(model_path: Path, lora: Path | None, inputs: Path, out: Path, steps: int) -> Path:
-    """One video per held-out item (name_sSEED.png, animated with SEED), written as name_sSEED.mp4."""
-    from ipro.data.video import read_image, to_tensor
+    """One video per held-out item (name_sSEED.png, animated with SEED), written as name_sSEED.mp4;
+    videos already there are kept, so a rerun resumes."""
+    from ipro.generate import generate as generate_videos
     from ipro.models import load_model
-    from ipro.sampling import sample
 
-    model = load_model(model_path, lora=lora)
-    for image_path in sorted(inputs.glob("*.png")):
-        if (out / f"{image_path.stem}.mp4").is_file():
-            continue
-        image = to_tensor(read_image(image_path))[None]
-        cond = model.prepare_condition(image, ["a person talking"], NUM_FRAMES, HEIGHT, WIDTH)
-        rollout = sample(model, cond, num_steps=steps, seed=seed_of(image_path.stem))
-        video = (model.decode(rollout.latents)[0] * 255).round().clamp(0, 255).to(torch.uint8)
-        write_video(out / f"{image_path.stem}.mp4", video.permute(0, 2, 3, 1).numpy(), fps=16)
+    images = sorted(inputs.glob("*.png"))
+    if all((out / f"{p.stem}.mp4").is_file() for p in images):
+        return out
+    generate_videos(
+        load_model(model_path, lora=lora), images, out, prompts="a person talking", seeds=[seed_of(p.stem) for p in images],
+        num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, steps=steps, fps=16, overwrite=False,
+        metadata={"model": str(model_path), "lora": str(lora) if lora else None},
+    )
     return out
 
 

@@ -17,16 +17,19 @@ from ipro.errors import IproError
 
 
 def _generate(model: str, lora: Path | None, inputs: Path, videos: Path, options: str = "") -> None:
-    """Run `ipro generate` on every input image, writing VIDEOS/<input name>.mp4.
+    """Generate a video of every input with `ipro.generate.generate`, writing VIDEOS/<input name>.mp4.
 
-    Goes through the command line (not a Python signature) so it tracks `ipro generate`'s
-    documented flags; curated datasets pass their captions as prompts.
+    `options` are `ipro generate`'s documented flags, parsed by that command's own parser;
+    curated datasets pass their captions as prompts.
     """
     import shlex
-    import tempfile
 
-    from ipro.data.video import write_image
+    import torch
+    from typer.exceptions import TyperException
+
     from ipro.eval.inputs import find_inputs
+    from ipro.generate import generate
+    from ipro.models import detect_family, load_model, resolve_model_path
 
     try:
         import ipro.cli.generate  # noqa: F401  (registers `generate` on the app)
@@ -35,26 +38,34 @@ def _generate(model: str, lora: Path | None, inputs: Path, videos: Path, options
             f"--generate needs ipro's generation module (ipro.cli.generate), which cannot be imported here ({e}); "
             "generate the videos with `ipro generate` and pass their folder as VIDEOS"
         ) from None
+    command = typer.main.get_command(app).commands["generate"]
+    try:
+        flags = command.make_context("generate", [*shlex.split(options), "--model", str(model), "--out", str(videos)]).params
+    except TyperException as e:  # typer's own click: a usage error in the flags
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        raise IproError(f"--generate-options {options!r}: {message}; pass `ipro generate` flags") from None
+    for flag, key in (("--lora", "lora"), ("--prompt", "prompt"), ("--prompts", "prompts"), ("--reference", "reference")):
+        if flags[key]:
+            raise IproError(f"--generate-options: {flag} cannot be given here; eval takes its prompts from the inputs (and --lora itself)")
     items = find_inputs(inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        # Images named after their input, so the videos come out as VIDEOS/<name>.mp4.
-        images = []
-        for name, item in sorted(items.items()):
-            path = Path(tmp) / f"{name}.png"
-            write_image(path, item.input_image())
-            images.append(path)
-        args = ["generate", *map(str, images), "--model", str(model), "--out", str(videos)]
-        if lora is not None:
-            args += ["--lora", str(lora)]
-        captions = [" ".join((items[p.stem].caption or "").split()) for p in images]
-        if all(captions):
-            prompts = Path(tmp) / "prompts.txt"
-            prompts.write_text("\n".join(captions) + "\n", encoding="utf-8")
-            args += ["--prompts", str(prompts)]
-        args += shlex.split(options)
-        code = typer.main.get_command(app).main(args=args, standalone_mode=False)
-    if code:
-        raise IproError(f"`ipro generate` failed (exit status {code}); run it alone to see why")
+    names = sorted(items)
+    images = [items[name].input_image() for name in names]
+    for name, image in zip(names, images):
+        if image is None:
+            raise IproError(f"{inputs}: input {name!r} has no image to generate from; add {name}.png or drop --generate")
+    captions = [" ".join((items[name].caption or "").split()) for name in names]
+    path = resolve_model_path(model, videos)
+    device = flags["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    lightning = [Path(p) for p in flags["lightning"] or ()]
+    vm = load_model(path, flags["family"] or detect_family(path), dtype=dtype, device=device, lora=lora, lightning=lightning or None)
+    generate(
+        vm, images, videos, prompts=captions if all(captions) else "",
+        seeds=flags["seed"], names=names, num_frames=flags["num_frames"], height=flags["height"], width=flags["width"],
+        steps=flags["steps"], guidance_scale=flags["guidance"], shift=flags["shift"], batch_size=flags["batch_size"],
+        negative_prompt=flags["negative_prompt"], fps=flags["fps"],
+        metadata={"model": str(path), "lora": str(lora) if lora else None, "lightning": [str(p) for p in lightning] or None},
+    )
 
 
 @app.command("eval")

@@ -1,24 +1,20 @@
 """`ipro generate`: image-to-video with a (fine-tuned) model, one mp4 per input image.
 
-Each video gets its own seed (--seed + its index), so a video does not depend on the batch
-size or on the other inputs. Next to every mp4 a .json file records the settings that
-made it.
+Argument checks and model loading; `ipro.generate.generate` does the rest. Each video gets
+its own seed (--seed + its index), so a video does not depend on the batch size or on the
+other inputs. Next to every mp4 a .json file records the settings that made it.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
 
-from ipro import __version__
 from ipro.cli.app import app
-from ipro.data.video import to_tensor
 from ipro.errors import IproError
+from ipro.generate import default_size, output_names
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None, num_images: int) -> list[str]:
@@ -37,28 +33,6 @@ def read_prompts(prompt: str | None, prompts_file: Path | None, num_images: int)
     if len(lines) != num_images:
         raise IproError(f"{prompts_file}: has {len(lines)} prompts for {num_images} images; write one line for all or one per image")
     return lines
-
-
-def default_size(image_hw: tuple[int, int], multiple: int, max_area: int) -> tuple[int, int]:
-    """The image's aspect ratio at no more than max_area pixels, rounded to the model's multiple."""
-    h, w = image_hw
-    scale = min(1.0, math.sqrt(max_area / (h * w)))
-    return max(multiple, int(h * scale) // multiple * multiple), max(multiple, int(w * scale) // multiple * multiple)
-
-
-def fit_image(image: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """Resize to cover (height, width) and center-crop: (3, H, W) float in [0, 1]."""
-    from PIL import Image, ImageOps
-
-    fitted = ImageOps.fit(Image.fromarray(image), (width, height), method=Image.Resampling.LANCZOS)
-    return to_tensor(np.asarray(fitted))
-
-
-def output_names(images: list[Path]) -> list[str]:
-    stems = [p.stem for p in images]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [f"{stem}_{i}" for i, stem in enumerate(stems)]
 
 
 @app.command("generate")
@@ -87,9 +61,9 @@ def generate(
     """Generate a video from each image with a Wan image-to-video model."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ipro.data.video import read_image, write_video
+    from ipro.data.video import read_image
+    from ipro.generate import generate as generate_videos
     from ipro.models import FAMILIES, detect_family, load_model, resolve_model_path
-    from ipro.sampling import sample
 
     # Everything that can be checked without loading weights is checked first.
     images = list(images or [])
@@ -131,51 +105,15 @@ def generate(
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     extra = {"num_reference_images": len(reference)} if reference else {}
     vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning or None, **extra)
-    refs = [to_tensor(read_image(p)) for p in reference]
-    fps = fps or vm.fps
     names = output_names(images) if images else ["+".join(p.stem for p in reference)]
-    count = len(names)
-    out.mkdir(parents=True, exist_ok=True)
-
+    metadata = {"references": [str(p) for p in reference], "model": str(model), "lora": str(lora) if lora else None,
+                "lightning": [str(p) for p in lightning] or None}
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress, torch.no_grad():
-        task = progress.add_task("generating", total=count)
-        for start in range(0, count, batch_size):
-            idx = list(range(start, min(start + batch_size, count)))
-            if subject_only:  # no first frame: the model only reads the batch size
-                batch = torch.zeros(len(idx), 3, height, width)
-            else:
-                batch = torch.stack([fit_image(read_image(images[i]), height, width) for i in idx])
-            extra = {"reference_images": [refs] * len(idx)} if refs else {}
-            cond = vm.prepare_condition(batch, [all_prompts[i] for i in idx], num_frames, height, width, negative_prompt, **extra)
-            shape = vm.latent_shape(1, num_frames, height, width)
-            noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
-            rollout = sample(vm, cond, steps, guidance_scale=guidance, shift=shift, noise=noise)
-            videos = vm.decode(rollout.latents)
-            for j, i in enumerate(idx):
-                frames = (videos[j].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-                video_path = out / f"{names[i]}.mp4"
-                write_video(video_path, frames, fps=fps)
-                settings = {
-                    "video": video_path.name,
-                    "image": str(images[i]) if images else None,
-                    "references": [str(p) for p in reference],
-                    "prompt": all_prompts[i],
-                    "negative_prompt": negative_prompt,
-                    "model": str(model),
-                    "family": vm.family,
-                    "lora": str(lora) if lora else None,
-                    "lightning": [str(p) for p in lightning] or None,
-                    "seed": seed + i,
-                    "num_frames": num_frames,
-                    "height": height,
-                    "width": width,
-                    "steps": len(rollout.schedule),
-                    "guidance": rollout.guidance_scale,
-                    "shift": shift if shift is not None else vm.scheduler.config.get("shift", vm.scheduler.config.get("flow_shift")),
-                    "fps": fps,
-                    "ipro_version": __version__,
-                }
-                video_path.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
-                progress.advance(task)
-    typer.echo(f"wrote {count} video(s) to {out}")
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("generating", total=len(names))
+        paths = generate_videos(
+            vm, images or None, out, prompts=all_prompts, seeds=seed, names=names, num_frames=num_frames, height=height,
+            width=width, steps=steps, guidance_scale=guidance, shift=shift, batch_size=batch_size, references=reference or None,
+            negative_prompt=negative_prompt, fps=fps, metadata=metadata, progress=lambda done: progress.update(task, completed=done),
+        )
+    typer.echo(f"wrote {len(paths)} video(s) to {out}")

@@ -382,23 +382,22 @@ class Trainer:
     @torch.no_grad()
     def write_samples(self) -> list[Path]:
         """Videos of the current model for the first item of the data order, one per
-        process' share, written to output_dir/samples/step-<N>-<id>.mp4 (ODE, fixed seed)."""
-        from ipro.data.video import write_video
-        from ipro.sampling import sample
+        process' share, written to output_dir/samples/step-<N>-<id>.mp4 with its .json
+        (ODE; video i of the batch uses seed run.seed + i)."""
+        from ipro.generate import generate
 
         if not self.accelerator.is_main_process:
             return []
-        c = self.config
+        c, d = self.config, self.config.data
         batch = self.batch_at(0, 0)
-        cond = self.condition(batch)
-        rollout = sample(self.model, cond, num_steps=c.sampler.num_steps, seed=c.run.seed, guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift)
-        video = (self.model.decode(rollout.latents) * 255).round().clamp(0, 255).to(torch.uint8)
-        paths = []
-        for i, item_id in enumerate(batch["id"]):
-            path = self.output_dir / "samples" / f"step-{self.global_step:06d}-{item_id}.mp4"
-            write_video(path, video[i].permute(0, 2, 3, 1).cpu().numpy(), fps=self.model.fps)
-            paths.append(path)
-        return paths
+        return generate(
+            self.model, batch["image"], self.output_dir / "samples", prompts=[cap or d.default_prompt for cap in batch["caption"]],
+            seeds=c.run.seed, names=[f"step-{self.global_step:06d}-{item_id}" for item_id in batch["id"]],
+            num_frames=d.num_frames, height=d.height, width=d.width, steps=c.sampler.num_steps,
+            guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift, batch_size=len(batch["id"]),
+            references=batch["references"] if self.model.num_reference_images else None,
+            metadata={"step": self.global_step},
+        )
 
 
 def load_for_training(m, cache_dir: Path, device):
