@@ -22,7 +22,7 @@ Two setups:
 
 Rows: rollout throughput (GRPO's rollout: SDE sampling with log-probs + decode + reward,
 against the plain no-grad ODE sampler + decode on the same videos), update time (GRPO's
-update, one forward+backward per SDE step plus the KL reference pass, against a whole
+update, one forward+backward per SDE step plus the base-model KL pass, against a whole
 IPRO step), gain per CPU-minute, gain, CPU time.
 
     python benchmarks/grpo.py

@@ -125,9 +125,9 @@ def test_lora_step_reaches_the_adapter_and_saved_lora_reloads(tmp_path):
     image = torch.rand(1, 3, 32, 40)
     cond = model.prepare_condition(image, [""], 5, 32, 40)
     x = torch.randn(model.latent_shape(1, 5, 32, 40))
-    with model.reference_weights():
-        v_ref = model.velocity(x, 500.0, cond)
-    assert torch.equal(model.velocity(x, 500.0, cond), v_ref)  # LoRA B starts at zero
+    with model.base_weights():
+        v_before = model.velocity(x, 500.0, cond)
+    assert torch.equal(model.velocity(x, 500.0, cond), v_before)  # LoRA B starts at zero
     # A DRaFT-style step: K = 2 of 3 steps with gradient, a pixel loss on the decoded video.
     rollout = sample(model, cond, 3, grad_steps=2, seed=0)
     model.decode(rollout.latents)[:, 1:].mean().backward()
@@ -137,8 +137,8 @@ def test_lora_step_reaches_the_adapter_and_saved_lora_reloads(tmp_path):
         for p in model.trainable_parameters():
             p.add_(0.01 * torch.randn_like(p))
     v_tuned = model.velocity(x, 500.0, cond).detach()
-    with model.reference_weights():
-        assert torch.equal(model.velocity(x, 500.0, cond), v_ref)
+    with model.base_weights():
+        assert torch.equal(model.velocity(x, 500.0, cond), v_before)
     file = model.save_lora(tmp_path / "lora")
     for reloaded in (load_model(BUILTIN_PATH, lora=file), load_model(BUILTIN_PATH, finetune="lora", lora_rank=4, lora=file)):
         assert torch.allclose(reloaded.velocity(x, 500.0, cond), v_tuned, atol=1e-4)
@@ -146,7 +146,7 @@ def test_lora_step_reaches_the_adapter_and_saved_lora_reloads(tmp_path):
         load_model(BUILTIN_PATH, lightning=file)
 
 
-def test_full_fine_tuning_keeps_a_frozen_reference(base):
+def test_full_fine_tuning_keeps_a_frozen_base_model(base):
     model = load_model(BUILTIN_PATH, finetune="full")
     image = torch.rand(1, 3, 32, 40)
     cond = model.prepare_condition(image, [""], 5, 32, 40)
@@ -156,7 +156,7 @@ def test_full_fine_tuning_keeps_a_frozen_reference(base):
     with torch.no_grad():
         model.trainable_module.proj_out.bias.add_(0.1)
     assert not torch.allclose(model.velocity(x, 300.0, cond), v_base)
-    assert torch.allclose(model.reference_velocity(x, 300.0, cond), v_base)
+    assert torch.allclose(model.base_velocity(x, 300.0, cond), v_base)
 
 
 def test_ipro_generate_with_the_base_model_and_a_lora(carphone, tmp_path):

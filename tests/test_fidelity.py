@@ -111,14 +111,14 @@ def test_lightning_lora_config_takes_one_path_per_expert():
         load_config("configs/wan22-a14b-ipro.yaml", {"model.lightning_lora": {"high": "h"}})
 
 
-# --- 2. The KL's reference sees the rollout's guidance and negative prompt ---------------
+# --- 2. The KL's base model sees the rollout's guidance and negative prompt ------------
 
 @pytest.mark.parametrize("family", ["wan2.1-i2v", "wan2.2-ti2v"])
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
 def test_kl_is_zero_at_initialisation_under_guidance(tiny, face, family, guidance):
     model, cond = prepared(tiny[family], face, finetune="lora", lora_rank=4)
     rollout = sample(model, cond, 4, grad_steps=2, seed=0, guidance_scale=guidance)
-    assert multistep_kl(model, rollout, cond, "sigma").item() == 0.0  # LoRA B = 0: policy == reference
+    assert multistep_kl(model, rollout, cond, "sigma").item() == 0.0  # LoRA B = 0: policy == base model
     sde = sde_sample(model, cond, 4, seed=0, guidance_scale=guidance)
     _, mean, std = sde_transition(model, cond, **sde.transition(1))
     assert sde_kl(model, cond, mean, std, sde.transition(1)).item() == 0.0
@@ -139,9 +139,9 @@ def test_kl_averages_over_the_trained_expert_steps_only(tiny, face):
     terms = []
     with torch.no_grad():
         for step, is_high in zip(rollout.grad_steps, high):
-            with model.reference_weights():
-                v_ref = model.velocity(step.x_t, step.t, cond)
-            term = ((step.v - v_ref) ** 2).mean() / (2 * float(step.sigma) ** 2)
+            with model.base_weights():
+                v_base = model.velocity(step.x_t, step.t, cond)
+            term = ((step.v - v_base) ** 2).mean() / (2 * float(step.sigma) ** 2)
             assert (term == 0) == is_high  # the frozen expert's steps have no difference at all
             if not is_high:
                 terms.append(term)

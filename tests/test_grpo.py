@@ -102,7 +102,7 @@ def test_ratio_is_exactly_one_on_the_first_inner_step(dataset, tmp_path):
         assert logs["ratio"] == 1.0 and logs["ratio_max_dev"] == 0.0 and logs["approx_kl"] == 0.0, (i, logs)
     logs = trainer.step()
     assert logs["ratio"] == 1.0 and logs["ratio_max_dev"] == 0.0 and logs["clip_fraction"] == 0.0
-    assert logs["kl"] == 0.0  # LoRA B starts at 0: the policy is the reference
+    assert logs["kl"] == 0.0  # LoRA B starts at 0: the policy is the base model
     # The second pass reuses the rollouts after one update: off-policy, the ratio moved.
     assert logs["approx_kl_last_epoch"] > 0.0 and logs["ratio_last_epoch"] != 1.0
     assert logs["grad_norm"] > 0.0 and logs["videos_per_s"] > 0

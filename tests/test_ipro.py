@@ -76,7 +76,7 @@ def test_twenty_steps_raise_the_face_reward_on_training_clips(runs):
 
 def test_kl_weight_keeps_the_kl_below_the_kl_off_run(runs):
     on, off = runs["preset"], runs["kl_off"]
-    assert on["beta"] > 0 and on["kl"][0] == off["kl"][0] == 0.0  # LoRA B starts at 0: policy = reference
+    assert on["beta"] > 0 and on["kl"][0] == off["kl"][0] == 0.0  # LoRA B starts at 0: policy = base model
     last_on, last_off = sum(on["kl"][-5:]) / 5, sum(off["kl"][-5:]) / 5
     # Measured, mean of the last 5 steps: 7.1e-6 with the KL on against 8.8e-6 off (0.81x);
     # the gap widens with steps (after 60 steps: 6.6e-5 against 1.8e-4, 0.37x).

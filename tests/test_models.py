@@ -1,4 +1,4 @@
-"""Model adapters on tiny random Wan checkpoints: loading, LoRA, reference weights, decoding, errors."""
+"""Model adapters on tiny random Wan checkpoints: loading, LoRA, base-model weights, decoding, errors."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_lora_a_has_no_gradient_at_init(tiny, face):
 
 
 @pytest.mark.parametrize("family", ["wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b"])
-def test_reference_velocity_equals_frozen_copy(tiny, face, family):
+def test_base_velocity_equals_frozen_copy(tiny, face, family):
     base = load_model(tiny[family])
     lora = load_model(tiny[family], finetune="lora", lora_rank=4)
     full = load_model(tiny[family], finetune="full")
@@ -110,11 +110,11 @@ def test_reference_velocity_equals_frozen_copy(tiny, face, family):
     x = torch.randn(base.latent_shape(1, FRAMES, H, W))
     for t in (torch.tensor(950.0), torch.tensor(300.0)):  # both experts for A14B
         expected = base.velocity(x, t, cond)
-        assert torch.equal(lora.reference_velocity(x, t, cond), expected)
+        assert torch.equal(lora.base_velocity(x, t, cond), expected)
         # The frozen copy holds the base weights bit for bit (checked below); its output can differ
         # in the last float32 bit (measured 7e-7 on values up to 2.4), as a copy's memory layout
         # may take another kernel path.
-        assert torch.allclose(full.reference_velocity(x, t, cond), expected, rtol=0, atol=1e-5)
+        assert torch.allclose(full.base_velocity(x, t, cond), expected, rtol=0, atol=1e-5)
         trained_expert_runs = family != "wan2.2-i2v-a14b" or t < 900  # A14B's high-noise expert stays frozen
         assert torch.equal(lora.velocity(x, t, cond), expected) != trained_expert_runs
     assert sum(p.numel() for p in full.trainable_parameters()) == sum(p.numel() for p in full.trainable_module.parameters())
@@ -269,7 +269,7 @@ def test_bfloat16_trains_fp32_adapters_and_decodes_in_fp32(tiny, face):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
 
 
-def test_full_finetuning_from_a_lora_merges_it_into_base_and_reference(tiny, face, tmp_path):
+def test_full_finetuning_from_a_lora_merges_it_into_the_trained_and_base_weights(tiny, face, tmp_path):
     trained = load_model(tiny["wan2.1-i2v"], finetune="lora", lora_rank=4)
     randomize_lora(trained)
     file = trained.save_lora(tmp_path / "lora")
@@ -279,6 +279,6 @@ def test_full_finetuning_from_a_lora_merges_it_into_base_and_reference(tiny, fac
     t = torch.tensor(600.0)
     expected = trained.velocity(x, t, cond).detach()
     assert torch.allclose(full.velocity(x, t, cond), expected, atol=1e-5)
-    assert torch.allclose(full.reference_velocity(x, t, cond), expected, atol=1e-5)
+    assert torch.allclose(full.base_velocity(x, t, cond), expected, atol=1e-5)
     with pytest.raises(ValueError, match="frames must be in"):
         full.decode(x, frames=[FRAMES])

@@ -122,7 +122,7 @@ def test_saved_lora_loads_in_diffusers(vace, face, reference, tmp_path):
     assert any(n.startswith("vace_blocks.") and "lora_" in n for n, _ in model.trainable_module.named_parameters())
     with torch.no_grad():
         ours = sample(model, cond, 4, seed=3, guidance_scale=1.0).latents
-        with model.reference_weights():
+        with model.base_weights():
             base = sample(model, cond, 4, seed=3, guidance_scale=1.0).latents
     file = model.save_lora(tmp_path / "lora")
     assert file.name == "pytorch_lora_weights.safetensors" and file.is_file()

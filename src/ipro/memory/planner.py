@@ -298,7 +298,7 @@ class Planner:
         with mem.phase("face reward with grad"):
             reward = _face_reward(frames, cfg)
         del frames
-        with mem.phase("KL reference (adapter off)"):
+        with mem.phase("base-model KL (adapter off)"):
             kl = multistep_kl(model, rollout, cond, cfg.kl.weighting) if cfg.kl.weight > 0 else torch.zeros((), device=self.device)
         loss = -cfg.reward.weight * reward + cfg.kl.weight * kl
         del rollout, reward, kl

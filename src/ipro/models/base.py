@@ -183,14 +183,14 @@ class VideoModel:
         raise NotImplementedError
 
     @torch.no_grad()
-    def reference_velocity(self, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
-        """v(x_t, t) of the model before fine-tuning (the KL anchor), without gradient."""
-        with self.reference_weights():
+    def base_velocity(self, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
+        """v(x_t, t) of the base model (the model before fine-tuning, the KL anchor), without gradient."""
+        with self.base_weights():
             return self.velocity(x_t, t, cond, guidance_scale)
 
     @contextmanager
-    def reference_weights(self) -> Iterator[None]:
-        """Inside this block `velocity` uses the weights before fine-tuning."""
+    def base_weights(self) -> Iterator[None]:
+        """Inside this block `velocity` uses the base model's weights (before fine-tuning)."""
         yield
 
     def trained_at(self, t) -> bool:

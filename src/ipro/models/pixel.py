@@ -210,7 +210,7 @@ class PixelI2V(VideoModel):
         self.device = transformer.device
         self.finetune: str | None = None
         self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
-        self._use_reference = False
+        self._use_base = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -313,7 +313,7 @@ class PixelI2V(VideoModel):
         self.transformer.unload_lora()
 
     @contextmanager
-    def reference_weights(self) -> Iterator[None]:
+    def base_weights(self) -> Iterator[None]:
         if self.finetune == "lora":
             self.transformer.disable_adapters()  # the base weights bit for bit, no second copy
             try:
@@ -321,11 +321,11 @@ class PixelI2V(VideoModel):
             finally:
                 self.transformer.enable_adapters()
         elif self.finetune == "full":
-            self._use_reference = True
+            self._use_base = True
             try:
                 yield
             finally:
-                self._use_reference = False
+                self._use_base = False
         else:
             yield
 
@@ -371,7 +371,7 @@ class PixelI2V(VideoModel):
         x_in = self.impose_first_frame(x_t, cond)
         # One timestep per token: the imposed first frame is clean (t = 0).
         m = cond.first_frame_mask[0, 0, :, :: PATCH[1], :: PATCH[2]].flatten()
-        if self._use_reference and self._frozen is not None:
+        if self._use_base and self._frozen is not None:
             transformer = self._frozen
         else:
             transformer = self.forward_module(self.transformer)

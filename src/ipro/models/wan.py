@@ -147,7 +147,7 @@ class WanModel(VideoModel):
         self.device = self.transformer.device
         self.finetune: str | None = None
         self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
-        self._use_reference = False
+        self._use_base = False
         self._text_cache: dict[str, torch.Tensor] = {}
         self._clip_cache: dict[bytes, torch.Tensor] = {}
         self._encoders_released = False  # text/image encoders moved to the CPU by release_encoders
@@ -442,7 +442,7 @@ class WanModel(VideoModel):
 
     def _expert(self, high_noise: bool) -> torch.nn.Module:
         module = self.transformer if (self.boundary_ratio is None or high_noise) else self.transformer_2
-        if self._use_reference and self._frozen is not None and module is self.trainable_module:
+        if self._use_base and self._frozen is not None and module is self.trainable_module:
             return self._frozen
         return self.forward_module(module)
 
@@ -489,7 +489,7 @@ class WanModel(VideoModel):
         return v
 
     @contextmanager
-    def reference_weights(self) -> Iterator[None]:
+    def base_weights(self) -> Iterator[None]:
         if self.finetune == "lora":
             module = self.trainable_module
             module.disable_adapters()  # base weights bit for bit, no second copy
@@ -498,11 +498,11 @@ class WanModel(VideoModel):
             finally:
                 module.enable_adapters()
         elif self.finetune == "full":
-            self._use_reference = True
+            self._use_base = True
             try:
                 yield
             finally:
-                self._use_reference = False
+                self._use_base = False
         else:
             yield
 

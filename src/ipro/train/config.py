@@ -115,8 +115,8 @@ class KLConfig(Section):
     weight: float = Field(1.0, ge=0, description="beta; 0 turns the KL regularizer off (an ablation).")
     weighting: Literal["sigma", "uniform", "x0"] = Field(
         "sigma",
-        description="'sigma': ||v - v_ref||^2 / (2 sigma_t^2) as in the public code; 'uniform': plain mean; "
-        "'x0': sigma_t^2 ||v - v_ref||^2 = ||x0 - x0_ref||^2, the KL measured on the predicted clip (independent of "
+        description="'sigma': ||v - v_base||^2 / (2 sigma_t^2) as in the public code; 'uniform': plain mean; "
+        "'x0': sigma_t^2 ||v - v_base||^2 = ||x0 - x0_base||^2, the KL measured on the predicted clip (independent of "
         "how the model parametrizes its output; use it for x0-predicting models, whose sigma-weighted KL grows like 1/sigma^4).",
     )
 
@@ -136,7 +136,7 @@ class OptimConfig(Section):
 
 class GRPOConfig(Section):
     group_size: int = Field(8, ge=2, description="Videos sampled per input (G).")
-    kl_weight: float = Field(0.004, ge=0, description="KL penalty to the reference policy.")
+    kl_weight: float = Field(0.004, ge=0, description="KL penalty to the base model (the model before fine-tuning).")
     clip_range: float = Field(1e-3, gt=0, description="PPO clip range of the probability ratio.")
     eta: float = Field(0.7, ge=0, description="SDE noise level of the rollout sampler (sampler.noise: flow_grpo).")
     timestep_fraction: float = Field(

@@ -16,8 +16,8 @@ caption):
    trainable weights act on), recompute log p(x_next | x_t) under the current weights:
        ratio = exp(logp_theta - logp_rollout)
        policy = mean over samples of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
-       kl     = mean over samples of ||mu_theta - mu_ref||^2 / (2 std^2)
-   (mu: the SDE step's mean, std: its standard deviation; the reference is the model
+       kl     = mean over samples of ||mu_theta - mu_base||^2 / (2 std^2)
+   (mu: the SDE step's mean, std: its standard deviation; the base model is the model
    with its LoRA switched off, under the same guidance; `ipro.train.kl`). loss = policy + grpo.kl_weight * kl, averaged over steps
    and inputs. One backward per SDE step (only one transformer graph is alive at a
    time), one optimizer step per pass; `grpo.inner_epochs` passes reuse the rollouts,

@@ -4,10 +4,10 @@ Each step: roll out from pure noise with the current model (T-K steps without
 gradient, K with), decode with the frozen VAE, score the faces against the clip's
 face pool, and minimize
 
-    loss = -w * normalized R_face + beta * mean_k ||v_theta(x_k, t_k) - v_ref(x_k, t_k)||^2 / (2 sigma_k^2)
+    loss = -w * normalized R_face + beta * mean_k ||v_theta(x_k, t_k) - v_base(x_k, t_k)||^2 / (2 sigma_k^2)
 
-v_ref is the model with its LoRA switched off (or a frozen copy for full fine-tuning), under
-the rollout's guidance; only the trained expert's steps count (`ipro.train.kl`).
+v_base is the base model (the model with its LoRA switched off, or a frozen copy for full
+fine-tuning) under the rollout's guidance; only the trained expert's steps count (`ipro.train.kl`).
 """
 
 from __future__ import annotations
