@@ -20,6 +20,7 @@ from ipro.errors import IproError
 from ipro.eval import identity, motion, rigid
 from ipro.eval.inputs import EvalItem, find_items
 from ipro.eval.metrics import METRIC_KEYS
+from ipro.faces.thresholds import same_person_threshold
 from ipro.eval.niqe import niqe_video
 from ipro.eval.stats import bootstrap_mean
 
@@ -49,7 +50,7 @@ class Evaluator:
             embedder = FaceEmbedder(recognizer=recognizer).to(device)
         self.embedder = embedder
         self.recognizer = embedder.recognizer.name
-        self.threshold = identity.same_person_threshold(self.recognizer)
+        self.threshold = same_person_threshold(self.recognizer)
         self.max_frames = max_frames
         self.max_people = max_people
         self.not_computed: dict[str, str] = {}

@@ -27,20 +27,6 @@ import torch
 
 from ipro.faces.identity import assign, cluster_identities
 
-# Cosine at or above which two faces count as the same person, per recognizer. dlib's
-# documented rule is L2 < 0.6 (cos > 0.82 for unit vectors), but different people reach
-# 0.82-0.87 on this recognizer (carphone's face vs the astronaut: 0.816), so we verify
-# at 0.90, between that band and same-person frames (0.95-1.0 on carphone). ArcFace's
-# usual verification threshold is ~0.3.
-SAME_PERSON = {"dlib": 0.90, "arcface": 0.30}
-
-
-def same_person_threshold(recognizer: str) -> float:
-    for prefix, threshold in SAME_PERSON.items():
-        if recognizer.lower().startswith(prefix):
-            return threshold
-    return SAME_PERSON["arcface"]
-
 
 def embed_frames(embedder, frames: np.ndarray, chunk: int = 16):
     """Run a `FaceEmbedder` over (F, H, W, 3) uint8 frames in chunks; one `VideoFaces`,

@@ -62,17 +62,12 @@ from ipro.data.pool import FacePool
 from ipro.errors import IproError
 from ipro.faces.embedder import FaceEmbedder, VideoFaces, validate_video
 from ipro.faces.identity import assign, cluster_identities
+from ipro.faces.thresholds import same_person_threshold
 from ipro.rewards.base import FrameSelection, Normalization, Reward, RewardBatch, RewardOutput, finish
 from ipro.rewards.tracking import count_swaps, track_faces, track_identity
 
 # Measured as described in the module docstring.
 NORMALIZATION = {"dlib": Normalization(0.94, 0.04), "arcface": Normalization(0.54, 0.16)}
-# Cosine above which a face joins a person, for clustering pools computed on the fly.
-# dlib, measured on carphone (faces 49 px and 28 px wide): a face vs its person's
-# centroid >= 0.95, face pairs >= 0.92; other people vs carphone <= 0.89 (astronaut
-# down to 22 px), low-resolution LFW faces (skimage's lfw_subset, 4x upscaled) <= 0.91.
-# ArcFace: the usual 0.3 (same person ~0.5+, unrelated ~0).
-IDENTITY_THRESHOLD = {"dlib": 0.92, "arcface": 0.3}
 
 MODES = ("pool", "reference", "aligned")
 
@@ -87,11 +82,6 @@ def default_normalization(recognizer: str) -> Normalization:
     return NORMALIZATION[family] if family else Normalization()
 
 
-def default_identity_threshold(recognizer: str) -> float:
-    family = _family(recognizer)
-    if family is None:
-        raise IproError(f"no default identity threshold for recognizer '{recognizer}'; pass identity_threshold=")
-    return IDENTITY_THRESHOLD[family]
 
 
 @torch.no_grad()
@@ -227,7 +217,7 @@ class FaceIdentityReward(Reward):
         if missing and batch.gt_frames is not None:
             threshold = self.identity_threshold
             if threshold is None:
-                threshold = default_identity_threshold(self.embedder.recognizer.name)
+                threshold = same_person_threshold(self.embedder.recognizer.name)
             for i, pool in zip(missing, pools_from_video(self.embedder, batch.gt_frames[missing], threshold)):
                 pools[i] = pool
         rec = self.embedder.recognizer.name

@@ -141,13 +141,13 @@ class FaceFeatureExtractor:
     def __init__(self, embedder=None, num_frames: int = 8, cache_dir: str | Path | None = None,
                  identity_threshold: float | None = None) -> None:
         from ipro.faces.embedder import FaceEmbedder
-        from ipro.rewards.face import default_identity_threshold
+        from ipro.faces.thresholds import same_person_threshold
 
         self.embedder = embedder if embedder is not None else FaceEmbedder()
         self.num_frames = num_frames
         self.cache_dir = Path(cache_dir) if cache_dir else None
         rec = self.embedder.recognizer.name
-        self.identity_threshold = identity_threshold if identity_threshold is not None else default_identity_threshold(rec)
+        self.identity_threshold = identity_threshold if identity_threshold is not None else same_person_threshold(rec)
         self._memory: dict[str, Any] = {}
 
     @property

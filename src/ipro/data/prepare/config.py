@@ -45,9 +45,10 @@ class PrepareConfig(BaseModel):
     detect_max_side: int = Field(640, ge=64, description="Frames are downscaled to this for detection only.")
     max_faces_per_frame: int = Field(8, ge=1, description="Keep the most confident faces per frame.")
     batch_frames: int = Field(16, ge=1, description="Frames detected and embedded at once (memory vs speed).")
-    identity_threshold: float = Field(
-        0.85, ge=-1, le=1,
-        description="Cosine above which two faces are the same person (dlib: 0.85; ArcFace: about 0.3).",
+    identity_threshold: float | None = Field(
+        None, ge=-1, le=1,
+        description="Cosine at or above which two faces are the same person; None takes the recognizer's "
+        "measured threshold (ipro.faces.thresholds: dlib 0.90, ArcFace 0.3).",
     )
 
     # Filters (each can be switched off with null)

@@ -29,6 +29,10 @@ class Worker:
             detect_max_side=config.detect_max_side, min_face_size=config.detector_min_face_size,
         )
         self.vlm = load_callable(config.vlm_filter) if config.vlm_filter else None
+        from ipro.faces.thresholds import same_person_threshold
+
+        given = config.identity_threshold
+        self.identity_threshold = given if given is not None else same_person_threshold(self.embedder.recognizer.name)
 
     def process(self, rel: str) -> dict:
         """Process one input, write its files and its record; return the record."""
@@ -125,7 +129,7 @@ class Worker:
 
         if not len(faces.frame):
             return np.zeros(0, np.int64)
-        ids = cluster_identities(torch.from_numpy(faces.embeddings), torch.from_numpy(faces.frame), self.config.identity_threshold)
+        ids = cluster_identities(torch.from_numpy(faces.embeddings), torch.from_numpy(faces.frame), self.identity_threshold)
         return ids.numpy()
 
     def _write_item(self, iid: str, k: int, frames: np.ndarray, crop: Crop, faces: ClipFaces, identity: np.ndarray,
