@@ -140,7 +140,7 @@ def convert_phantom(checkpoint: Path, base: Path, out: Path) -> Path:
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
-    from ipro.models.base import read_model_index
+    from ipro.models.registry import read_model_index
     from ipro.models.phantom import mark_phantom
 
     checkpoint, base, out = Path(checkpoint), Path(base), Path(out)

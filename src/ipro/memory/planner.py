@@ -86,7 +86,7 @@ class Plan:
 
 def _model_folder(cfg, arch: str | None, cache_dir: Path) -> tuple[Path, str]:
     from ipro.memory.meta import arch_folder, guess_arch, shipped_archs
-    from ipro.models.base import resolve_model_path
+    from ipro.models.loading import resolve_model_path
 
     if arch:
         return arch_folder(arch), arch

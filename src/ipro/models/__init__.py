@@ -4,14 +4,13 @@
     cond = model.prepare_condition(images, prompts, num_frames=81, height=480, width=832)
     v = model.velocity(x_t, t, cond)
 
-A new family is one module with a `@register_family` subclass of `VideoModel`, imported below.
+A new family is one module with a `@register_family` subclass of `VideoModel`, imported in
+`ipro.models.loading`.
 """
 
-from ipro.models.base import FAMILIES, Condition, VideoModel, detect_family, load_model, register_family, resolve_model_path
-from ipro.models import wan  # noqa: F401  (registers the Wan families)
-from ipro.models import wan_vace  # noqa: F401  (registers Wan VACE, reference-to-video)
-from ipro.models import phantom  # noqa: F401  (registers Phantom-Wan, subject-to-video)
-from ipro.models import pixel  # noqa: F401  (registers the pixel-space base model family)
+from ipro.models.base import Condition, VideoModel
+from ipro.models.loading import load_model, resolve_model_path  # imports (and so registers) every family
+from ipro.models.registry import FAMILIES, detect_family, register_family
 from ipro.models.tiny import TINY_FAMILIES, TINY_REFERENCE_FAMILIES, build_tiny
 
 __all__ = [

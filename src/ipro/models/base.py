@@ -14,7 +14,6 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,83 +300,3 @@ def quiet_loading() -> Iterator[None]:
             dlog.enable_progress_bar()
         if t_bar:
             tlog.enable_progress_bar()
-
-
-# --- Registry and loading ----------------------------------------------------------------
-
-FAMILIES: dict[str, type[VideoModel]] = {}
-
-
-def register_family(cls: type[VideoModel]) -> type[VideoModel]:
-    FAMILIES[cls.family] = cls
-    return cls
-
-
-def read_model_index(path: str | Path) -> tuple[dict, dict]:
-    """model_index.json and transformer/config.json of a diffusers folder, with IproErrors if missing."""
-    path = Path(path)
-    if not path.is_dir():
-        raise IproError(
-            f"{path}: model folder does not exist; pass a diffusers-format folder containing model_index.json "
-            "(e.g. a download of Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
-        )
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise IproError(f"{index_file}: missing; {path} is not a diffusers-format model folder")
-    try:
-        model_index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IproError(f"{index_file}: not valid JSON ({e}); re-download the model") from None
-    config_file = path / "transformer" / "config.json"
-    if not config_file.is_file():
-        raise IproError(f"{config_file}: missing; the model folder needs a transformer/ subfolder with its config")
-    return model_index, json.loads(config_file.read_text())
-
-
-def detect_family(path: str | Path) -> str:
-    model_index, transformer_config = read_model_index(path)
-    for name, cls in FAMILIES.items():
-        if cls.matches(model_index, transformer_config):
-            return name
-    raise IproError(
-        f"{Path(path) / 'model_index.json'}: pipeline {model_index.get('_class_name')!r} is not a supported model "
-        f"family; pass --family with one of {', '.join(FAMILIES)}"
-    )
-
-
-def resolve_model_path(path: str | Path, cache_dir: str | Path) -> Path:
-    """A model folder from what users write: a path, 'builtin' (the embedded base model), or
-    'tiny:<family>', which builds a random-weight tiny model (tests, CPU smoke runs) once
-    under cache_dir."""
-    path = str(path)
-    if path.startswith("tiny:"):
-        from ipro.models.tiny import build_tiny
-
-        family = path.split(":", 1)[1]
-        target = Path(cache_dir) / f"tiny-{family}"
-        if not (target / "model_index.json").is_file():
-            build_tiny(family, target, seed=0)
-        return target
-    if path == "builtin":
-        from ipro.models.pixel import BUILTIN_PATH
-
-        if not (BUILTIN_PATH / "model_index.json").is_file():
-            raise IproError(f"{BUILTIN_PATH}: the embedded base model is missing; reinstall ipro or run scripts/train_base_model.py")
-        return BUILTIN_PATH
-    return Path(path)
-
-
-def load_model(path: str | Path, family: str | None = None, **options) -> VideoModel:
-    """Load a local diffusers-format folder as a `VideoModel`.
-
-    family: one of FAMILIES, or None to detect it from model_index.json. options go to the
-    family's `from_pretrained` (dtype, device, finetune, lora, lora_rank, lightning, ...).
-    """
-    import ipro.models  # noqa: F401  (imports the family modules so they register)
-
-    read_model_index(path)
-    if family is None:
-        family = detect_family(path)
-    if family not in FAMILIES:
-        raise IproError(f"family {family!r}: unknown; use one of {', '.join(FAMILIES)}")
-    return FAMILIES[family].from_pretrained(path, **options)

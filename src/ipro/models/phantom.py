@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from diffusers import WanPipeline
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, batch_prompts, register_family
+from ipro.models.base import Condition, batch_prompts
+from ipro.models.registry import register_family
 from ipro.models.wan import WanModel
 
 FAMILY_MARKER = "_ipro_family"  # model_index.json key; diffusers ignores keys starting with "_"

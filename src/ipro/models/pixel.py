@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, VideoModel, quiet_loading, read_model_index, register_family
+from ipro.models.base import Condition, VideoModel, quiet_loading
+from ipro.models.registry import read_model_index, register_family
 from ipro.models.wan import ADAPTER, DEFAULT_LORA_TARGETS, _lora_file
 
 PIPELINE_NAME = "IproPixelI2VPipeline"  # model_index.json's _class_name; how the family is detected

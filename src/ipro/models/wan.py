@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, VideoModel, batch_prompts, quiet_loading, read_model_index, register_family, scheduler_with_shift
+from ipro.models.base import Condition, VideoModel, batch_prompts, quiet_loading, scheduler_with_shift
+from ipro.models.registry import read_model_index, register_family
 
 with quiet_loading():  # the pipeline module asks transformers for a torchvision image processor: one warning per process
     from diffusers import WanImageToVideoPipeline

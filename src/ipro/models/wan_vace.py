@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from diffusers import WanVACEPipeline
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, batch_prompts, register_family
+from ipro.models.base import Condition, batch_prompts
+from ipro.models.registry import register_family
 from ipro.models.wan import WanModel
 
 
