@@ -29,8 +29,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -71,7 +69,7 @@ class LiveMemory(TorchDispatchMode):
         self.peak = self.live
         self.phases: dict[str, int] = {}
         self._phase: str | None = None
-        self._seen = WeakIdKeyDictionary()
+        self._seen: dict[int, int] = {}
         self._windows: list[int] = []
         self.fused_attention = fused_attention
 
@@ -87,7 +85,8 @@ class LiveMemory(TorchDispatchMode):
         if self._phase is not None and self.live > self.phases[self._phase]:
             self.phases[self._phase] = self.live
 
-    def _freed(self, nbytes: int) -> None:
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._seen.pop(key, None)
         self.live -= nbytes
 
     def add(self, nbytes: int) -> None:
@@ -108,11 +107,12 @@ class LiveMemory(TorchDispatchMode):
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
-        if storage in self._seen:
+        key = storage._cdata  # the StorageImpl's address: unique while it lives, dropped when it goes
+        if key in self._seen:
             return
         nbytes = storage.nbytes()
-        self._seen[storage] = nbytes
-        weakref.finalize(storage, self._freed, nbytes)
+        self._seen[key] = nbytes
+        weakref.finalize(storage, self._freed, key, nbytes)
         self._grow(nbytes)
 
     def spike(self, nbytes: int) -> None:
@@ -148,9 +148,12 @@ class LiveMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        elif isinstance(out, (tuple, list)):  # aten ops return a tensor, or a flat tuple/list of them
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
         return out
 
     # The swap is a module attribute, not a TorchFunctionMode: activation checkpointing
