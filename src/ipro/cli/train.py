@@ -25,12 +25,14 @@ def _overrides(pairs: list[str]) -> dict:
 @app.command("train")
 def train_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/ for presets)."),
-    method: Optional[str] = typer.Option(None, help="Override the config's method: ipro | grpo | sft."),
+    method: Optional[str] = typer.Option(None, help="Override the config's method: ipro | grpo | sft (each method has its own "
+                                         "keys; with --print-config: whose keys to print, default ipro)."),
     resume: Optional[str] = typer.Option(
         None, help="Resume: 'latest' for the newest checkpoint in run.output_dir, or a checkpoint-<step> folder."
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set optim.lr=1e-4 (repeatable)."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and meaning, then exit."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print every config key of one method (--method, default "
+                                      "ipro) with its default and meaning, then exit."),
     gpu_memory: Optional[str] = typer.Option(
         None, "--gpu-memory", help="Memory of one GPU for the memory check (default: GPU 0's). On a CPU-only machine "
         "the check is skipped unless this is given."),
@@ -40,7 +42,8 @@ def train_command(
     Identity-GRPO (--method grpo: group rollouts with the SDE sampler, clipped policy update)
     or the SFT baseline (--method sft).
 
-    The config is validated before any compute, and on a GPU the step's planned peak memory
+    The config is one class per method (its `method` key): a key of another method is refused,
+    naming it. It is validated before any compute, and on a GPU the step's planned peak memory
     (`ipro plan`) is checked against the GPU's (skipped on a CPU-only machine unless
     --gpu-memory is given; --no-memory-check skips it). Checkpoints (LoRA in diffusers format,
     optimizer, step) go to run.output_dir/checkpoint-<step>; TensorBoard logs beside them.
@@ -49,7 +52,7 @@ def train_command(
     from ipro.train.config import describe_defaults, load_config
 
     if print_config:
-        typer.echo(describe_defaults(), nl=False)
+        typer.echo(describe_defaults(method or "ipro"), nl=False)
         return
     overrides = _overrides(set_)
     if method:
@@ -58,7 +61,7 @@ def train_command(
     if not no_memory_check and cfg.method != "sft":
         from ipro.cli.plan import check_fits, gpu_budget, parse_memory
 
-        found = gpu_budget()
+        found = gpu_budget() if cfg.run.device != "cpu" else None  # a run forced onto the CPU needs no GPU check
         if gpu_memory is not None or found is not None:
             budget, gpus, fsdp = found or (0, 1, False)
             check_fits(cfg, parse_memory(gpu_memory) if gpu_memory else budget, gpus, fsdp)
