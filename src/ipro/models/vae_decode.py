@@ -168,8 +168,8 @@ def decode_wan_vae(vae, z: torch.Tensor, frames: Sequence[int] | None = None, ti
     frames: output frames to return, in this order (None: all 4(T-1)+1). Latent frames after the
         last requested one are not decoded.
     tile: spatial tile side in pixels (None: whole frames), see `tile_geometry`.
-    With autograd on and `z.requires_grad`, each (tile, latent frame) is a checkpointed node;
-    otherwise the decode runs without autograd. The VAE's own weights get no gradient.
+    With autograd on and `z.requires_grad`, each tile is decoded as checkpointed segments of
+    latent frames (module docstring); otherwise without autograd. The VAE's weights get no gradient.
     """
     t_scale = vae.config.scale_factor_temporal
     num_frames = (z.shape[2] - 1) * t_scale + 1
