@@ -26,7 +26,6 @@ but with no VAE: the "latent" is the video itself.
 
 from __future__ import annotations
 
-import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 from ipro.errors import IproError
 from ipro.models.base import Condition, VideoModel, quiet_loading
 from ipro.models.registry import read_model_index, register_family
-from ipro.models.wan import ADAPTER, DEFAULT_LORA_TARGETS, _lora_file
+from ipro.models import lora as adapters
+from ipro.models.lora import DEFAULT_LORA_TARGETS
 
 PIPELINE_NAME = "IproPixelI2VPipeline"  # model_index.json's _class_name; how the family is detected
 FRAMES_PER_LATENT = 4
@@ -108,6 +108,13 @@ def unpack(latents: torch.Tensor) -> torch.Tensor:
     return (video / 2 + 0.5).clamp(0, 1)
 
 
+def _pipeline_class():
+    """The pipeline whose LoRA format (diffusers' Wan layout) this family reads and writes."""
+    from diffusers import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline
+
+
 @register_family
 class PixelI2V(VideoModel):
     """Pixel-space Wan transformer with first-frame residual prediction (see the module docstring)."""
@@ -162,7 +169,7 @@ class PixelI2V(VideoModel):
             raise IproError(f"{path}: could not load the model ({reason}); rebuild the folder") from None
         model = cls(transformer, scheduler)
         if lora is not None and finetune == "full":
-            model._merge_lora(lora)
+            adapters.merge_lora(model.transformer, lora, _pipeline_class())
         model.setup_finetuning(finetune, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
         if lora is not None and finetune != "full":
             model.load_lora(lora)
@@ -237,81 +244,20 @@ class PixelI2V(VideoModel):
 
     def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=DEFAULT_LORA_TARGETS) -> None:
         self.finetune = finetune
-        if finetune == "lora":
-            from peft import LoraConfig
-
-            # B starts at zero, so the fine-tuned model starts equal to the base model.
-            config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
-            try:
-                self.transformer.add_adapter(config, adapter_name=ADAPTER)
-            except ValueError as e:
-                raise IproError(f"lora_targets={list(targets)}: {str(e).splitlines()[0]}") from None
-            for name, p in self.transformer.named_parameters():
-                if "lora_" in name:
-                    p.requires_grad_(True)
-                    p.data = p.data.float()  # adapters train in fp32 even when the base is bf16
-        elif finetune == "full":
-            self._frozen = copy.deepcopy(self.transformer).requires_grad_(False)  # the KL anchor
-            self.transformer.requires_grad_(True)
+        self._frozen = adapters.setup_finetuning(self.transformer, finetune, rank, alpha, targets)
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write pytorch_lora_weights.safetensors in diffusers' Wan LoRA format."""
-        from diffusers import WanImageToVideoPipeline
-        from peft.utils import get_peft_model_state_dict
-
         if self.finetune != "lora":
             raise ValueError("save_lora needs a model loaded with finetune='lora'")
-        state = get_peft_model_state_dict(self.transformer, adapter_name=ADAPTER)
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        WanImageToVideoPipeline.save_lora_weights(
-            directory,
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=self.transformer.peft_config[ADAPTER].to_dict(),  # keeps alpha != rank
-        )
-        return directory / "pytorch_lora_weights.safetensors"
-
-    def _read_lora(self, path: str | Path) -> tuple[Path, dict, dict | None]:
-        from diffusers import WanImageToVideoPipeline
-
-        file = _lora_file(path, "LoRA")
-        try:
-            state, metadata = WanImageToVideoPipeline.lora_state_dict(str(file), return_lora_metadata=True)
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise IproError(f"{file}: not a LoRA file this model can read ({str(e).splitlines()[0][:200]})") from None
-        return file, state, metadata
+        return adapters.save_lora(self.transformer, directory, _pipeline_class())
 
     def load_lora(self, path: str | Path) -> None:
         """Load LoRA weights: into the trained adapter (finetune='lora'), else as a frozen adapter."""
-        file, state, metadata = self._read_lora(path)
         if self.finetune == "lora":
-            from peft.utils import set_peft_model_state_dict
-
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            try:
-                result = set_peft_model_state_dict(self.transformer, state, adapter_name=ADAPTER)
-            except RuntimeError as e:
-                raise IproError(f"{file}: does not fit the LoRA being trained ({str(e).splitlines()[0][:200]}); match lora_rank and lora_targets") from None
-            if result.unexpected_keys:
-                raise IproError(f"{file}: has weights for layers the trained LoRA lacks (e.g. {result.unexpected_keys[0]}); match lora_targets")
-            return
-        if ADAPTER in getattr(self.transformer, "peft_config", {}):
-            self.transformer.delete_adapters(ADAPTER)
-        try:
-            self.transformer.load_lora_adapter(state, prefix="transformer", adapter_name=ADAPTER, metadata=metadata)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise IproError(f"{file}: not a LoRA this model can load ({str(e).splitlines()[0][:200]})") from None
-        self.transformer.requires_grad_(False)
-
-    def _merge_lora(self, path: str | Path) -> None:
-        file, state, metadata = self._read_lora(path)
-        try:
-            self.transformer.load_lora_adapter(state, prefix="transformer", adapter_name="merge", metadata=metadata)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise IproError(f"{file}: not a LoRA this model can merge ({str(e).splitlines()[0][:200]})") from None
-        self.transformer.fuse_lora(adapter_names=["merge"])
-        self.transformer.unload_lora()
+            adapters.load_into_trained(self.transformer, path, _pipeline_class())
+        else:
+            adapters.load_frozen(self.transformer, path, _pipeline_class())
 
     @contextmanager
     def base_weights(self) -> Iterator[None]:

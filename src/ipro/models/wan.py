@@ -12,7 +12,6 @@ the checkpoint's own config:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import warnings
 from contextlib import contextmanager
@@ -23,29 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from ipro.errors import IproError
+from ipro.models import lora as adapters
 from ipro.models.base import Condition, VideoModel, batch_prompts, quiet_loading, scheduler_with_shift
+from ipro.models.lora import ADAPTER, DEFAULT_LORA_TARGETS
 from ipro.models.registry import read_model_index, register_family
 
 with quiet_loading():  # the pipeline module asks transformers for a torchvision image processor: one warning per process
     from diffusers import WanImageToVideoPipeline
 
-# Attention q/k/v/o (self and text cross-attention) and the FFN of every block.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 TEXT_TOKENS = 512  # Wan's cross-attention assumes exactly 512 text tokens (image tokens come first)
-ADAPTER = "default"
-
-
-def _lora_file(path: str | Path, what: str) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise IproError(f"{path}: no .safetensors file in this {what} folder; pass the LoRA file or its folder")
-        preferred = path / "pytorch_lora_weights.safetensors"
-        return preferred if preferred in files else files[0]
-    if not path.is_file():
-        raise IproError(f"{path}: {what} not found; check the path")
-    return path
 
 
 class WanModel(VideoModel):
@@ -219,24 +204,8 @@ class WanModel(VideoModel):
         return [p for p in self.trainable_module.parameters() if p.requires_grad]
 
     def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=DEFAULT_LORA_TARGETS) -> None:
-        module = self.trainable_module
         self.finetune = finetune
-        if finetune == "lora":
-            from peft import LoraConfig
-
-            # B starts at zero, so the fine-tuned model starts equal to the base model.
-            config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True)
-            try:
-                module.add_adapter(config, adapter_name=ADAPTER)
-            except ValueError as e:
-                raise IproError(f"lora_targets={list(targets)}: {str(e).splitlines()[0]}") from None
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    p.requires_grad_(True)
-                    p.data = p.data.float()  # train adapters in fp32 even when the base is bf16
-        elif finetune == "full":
-            self._frozen = copy.deepcopy(module).requires_grad_(False)  # the KL anchor; costs one more copy
-            module.requires_grad_(True)
+        self._frozen = adapters.setup_finetuning(self.trainable_module, finetune, rank, alpha, targets)
 
     # --- LoRA files ----------------------------------------------------------------------
 
@@ -244,45 +213,19 @@ class WanModel(VideoModel):
         """Write pytorch_lora_weights.safetensors that `pipe.load_lora_weights(directory)` loads.
 
         For A14B the file holds the low-noise expert's LoRA: load it with
-        `pipe.load_lora_weights(directory, load_into_transformer_2=True)`.
-        state_dict: the trained module's tensors by name to write instead of reading the module
-        (under FSDP2 the module holds shards; the trainer gathers them first).
-        """
-        from peft.utils import get_peft_model_state_dict
-
+        `pipe.load_lora_weights(directory, load_into_transformer_2=True)`. state_dict: see
+        `lora.save_lora` (FSDP2)."""
         if self.finetune != "lora":
             raise ValueError("save_lora needs a model loaded with finetune='lora'")
-        module = self.trainable_module
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module, state_dict, adapter_name=ADAPTER).items()}
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.pipeline_class.save_lora_weights(
-            directory,
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=module.peft_config[ADAPTER].to_dict(),  # keeps alpha != rank
-        )
-        return directory / "pytorch_lora_weights.safetensors"
+        return adapters.save_lora(self.trainable_module, directory, self.pipeline_class, state_dict)
 
     def load_lora(self, path: str | Path) -> None:
         """Load LoRA weights: into the trained adapter (finetune='lora'), else as a frozen adapter."""
-        file = _lora_file(path, "LoRA")
-        two_experts = self.trainable_module is self.transformer_2
         if self.finetune == "lora":
-            from peft.utils import set_peft_model_state_dict
-
-            from ipro.models.lora_formats import lora_scale, read_lora
-
-            state, metadata = read_lora(file, self.pipeline_class)  # any layout; ComfyUI's alpha folded in
-            # The file's alpha / rank may differ from the trained adapter's: carry it over in lora_B.
-            ratio = lora_scale(metadata) / lora_scale(self.trainable_module.peft_config[ADAPTER].to_dict())
-            state = {k.removeprefix("transformer."): v * ratio if ".lora_B." in k else v for k, v in state.items()}
-            try:
-                result = set_peft_model_state_dict(self.trainable_module, state, adapter_name=ADAPTER)
-            except RuntimeError as e:
-                raise IproError(f"{file}: does not fit the LoRA being trained ({str(e).splitlines()[0][:200]}); match lora_rank and lora_targets") from None
-            if result.unexpected_keys:
-                raise IproError(f"{file}: has weights for layers the trained LoRA lacks (e.g. {result.unexpected_keys[0]}); match lora_targets")
+            adapters.load_into_trained(self.trainable_module, path, self.pipeline_class)
             return
+        file = adapters.lora_file(path)
+        two_experts = self.trainable_module is self.transformer_2
         if ADAPTER in getattr(self.trainable_module, "peft_config", {}):
             self.trainable_module.delete_adapters(ADAPTER)
         try:
@@ -295,17 +238,8 @@ class WanModel(VideoModel):
             raise IproError(f"{file}: not a Wan LoRA this model can load ({str(e).splitlines()[0][:200]})") from None
 
     def merge_lora(self, transformer: torch.nn.Module, path: str | Path, what: str = "LoRA") -> None:
-        """Add a LoRA file's update to `transformer`'s weights (diffusers, original Wan or musubi format)."""
-        file = _lora_file(path, what)
-        try:
-            from ipro.models.lora_formats import read_lora
-
-            state, metadata = read_lora(file, self.pipeline_class)  # diffusers, ComfyUI/lightx2v, original Wan, musubi
-            transformer.load_lora_adapter(state, prefix="transformer", adapter_name="merge", metadata=metadata)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise IproError(f"{file}: not a Wan LoRA this model can merge ({str(e).splitlines()[0][:200]})") from None
-        transformer.fuse_lora(adapter_names=["merge"])
-        transformer.unload_lora()  # the merged weights stay; the adapter layers go
+        """Add a LoRA file's update to `transformer`'s weights (diffusers, ComfyUI/lightx2v, original Wan or musubi)."""
+        adapters.merge_lora(transformer, path, self.pipeline_class, what)
 
     def merge_lightning(self, paths, steps: int = 4, shift: float = 5.0) -> None:
         """Merge distilled few-step LoRA(s) into the base weights and switch to their schedule.
