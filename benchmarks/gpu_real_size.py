@@ -53,7 +53,9 @@ def run(preset: str, folder: Path, device: str, tiny: bool, steps: int = 2) -> d
     overrides = {"model.path": str(folder)}
     if tiny:
         overrides.update({"data.height": 64, "data.width": 64, "data.num_frames": 9, "model.dtype": "float32",
-                          "reward.max_frames": 3, "grpo.group_size": 2, "sampler.num_steps": 4})
+                          "reward.max_frames": 3, "sampler.num_steps": 4})
+        if load_config(preset).method == "grpo":
+            overrides["grpo.group_size"] = 2
     cfg = load_config(preset, overrides)
     predicted = Planner(cfg).plan(cfg)
     planner = Planner(cfg, device=device)

@@ -113,9 +113,10 @@ def _trainer(setup: Setup, method: str, data: Path, out: Path, lr: float = 1e-2)
     cfg = load_config(overrides={
         "method": method, "data.dataset": str(data), "data.height": setup.size[0], "data.width": setup.size[1],
         "data.num_frames": 9, "model.path": setup.model_path, "model.lora_rank": 4, "optim.lr": lr, "optim.steps": STEPS,
-        "sampler.num_steps": 4, "sampler.grad_steps": 2, "grpo.group_size": GROUP, "run.output_dir": str(out),
-        "run.log_with": [], "run.device": "cpu", "run.seed": 3,
-        **({"reward.weight": 1.0} if setup.stand_in else {}),
+        "sampler.num_steps": 4, "run.output_dir": str(out), "run.log_with": [], "run.device": "cpu", "run.seed": 3,
+        # Each method's own keys (the other method's are refused).
+        **({"grpo.group_size": GROUP} if method == "grpo" else
+           {"sampler.grad_steps": 2, **({"reward.weight": 1.0} if setup.stand_in else {})}),
     })
     trainer = trainer_class(method)(cfg, reward=_brightness_reward() if setup.stand_in else None)
     if setup.stand_in:

@@ -220,12 +220,12 @@ def test_sft_adds_the_face_identity_loss(dataset, tmp_path):
     from ipro.train.trainer import step_generator
 
     def trainer(weight):
-        return SFTTrainer(load_config("configs/tiny-cpu-ipro.yaml", {
-            "method": "sft", "data.dataset": str(dataset), "data.num_frames": 9, "sampler.num_steps": 4,
+        return SFTTrainer(load_config("configs/tiny-cpu-sft.yaml", {
+            "data.dataset": str(dataset), "data.num_frames": 9, "sampler.num_steps": 4,
             "sft.face_weight": weight, "run.output_dir": str(tmp_path / str(weight)), "run.seed": 2,
         }))
 
-    assert load_config("configs/tiny-cpu-ipro.yaml", {"data.dataset": "x"}).sft.face_weight == 0.1  # on by default
+    assert load_config(None, {"method": "sft", "data.dataset": "x"}).sft.face_weight == 0.1  # on by default
     with_face, plain = trainer(0.1), trainer(0.0)
     assert plain.reward is None
     batch = with_face.batch_at(0, 0)

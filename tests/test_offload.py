@@ -26,6 +26,8 @@ def trainer_config(dataset: Path, out: Path, **overrides):
         "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.log_with": [],
         "run.device": "cpu", "run.seed": 3, "kl.weight": 1.0,
     }
+    if overrides.get("method", "ipro") != "ipro":  # IPRO's K and KL; another method's config refuses them
+        del base["sampler.grad_steps"], base["kl.weight"]
     return load_config(overrides={**base, **overrides})
 
 

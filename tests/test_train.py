@@ -27,6 +27,8 @@ def config(dataset: Path, out: Path, **overrides):
         "sampler.num_steps": 4, "sampler.grad_steps": 2, "run.output_dir": str(out), "run.log_with": [],
         "run.checkpoint_every": 2, "run.device": "cpu", "run.seed": 3,
     }
+    if overrides.get("method", "ipro") != "ipro":
+        del base["sampler.grad_steps"]  # IPRO's K; another method's config refuses it
     base.update(overrides)
     return load_config(overrides=base)
 
@@ -186,7 +188,7 @@ TRAINING_PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.s
 
 def test_training_presets_are_found():
     # The parametrized test below would pass on an empty list; these presets must be there.
-    for name in ("tiny-cpu-ipro.yaml", "tiny-cpu-grpo.yaml", "wan21-i2v-ipro.yaml", "wan22-5b-ipro.yaml",
+    for name in ("tiny-cpu-ipro.yaml", "tiny-cpu-grpo.yaml", "tiny-cpu-sft.yaml", "wan21-i2v-ipro.yaml", "wan22-5b-ipro.yaml",
                  "wan22-a14b-ipro.yaml", "wan-vace-grpo.yaml"):
         assert name in TRAINING_PRESETS
 
@@ -199,6 +201,8 @@ def test_every_training_preset_validates(preset):
     from ipro.train.config import load_config
 
     cfg = load_config(CONFIGS / preset)
+    method = preset.removesuffix(".yaml").rsplit("-", 1)[1]  # every preset's name ends with its method
+    assert cfg.method == method and type(cfg).__name__ == f"{method.upper()}Config"
     family = cfg.model.family
     if family == "auto":
         by_prefix = {"wan21-i2v": "wan2.1-i2v", "wan22-5b": "wan2.2-ti2v", "wan22-a14b": "wan2.2-i2v-a14b", "wan-vace": "wan-vace"}
@@ -217,8 +221,8 @@ def test_every_training_preset_validates(preset):
 
 
 def test_reward_section_reaches_the_face_reward():
+    from ipro.rewards.factory import build_face_reward
     from ipro.train.config import load_config
-    from ipro.train.ipro import build_face_reward
 
     cfg = load_config("configs/tiny-cpu-ipro.yaml", {"reward.unmatched": "penalize", "reward.mode": "aligned"})
     reward = build_face_reward(cfg.reward, "cpu")

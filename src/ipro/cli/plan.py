@@ -61,7 +61,6 @@ def variants(cfg, plan) -> list[tuple[str, dict]]:
 def advise(cfg, plan, arch: str | None = None, most: int = 4) -> list[tuple[str, int]]:
     """Trace up to `most` single-knob changes; returns (change, predicted peak) sorted by peak."""
     from ipro.memory.planner import plan_config
-    from ipro.train.config import TrainConfig
 
     results = []
     for label, overrides in variants(cfg, plan)[:most]:
@@ -69,7 +68,7 @@ def advise(cfg, plan, arch: str | None = None, most: int = 4) -> list[tuple[str,
         for dotted, value in overrides.items():
             section, key = dotted.split(".")
             data[section][key] = value
-        results.append((label, plan_config(TrainConfig.model_validate(data), arch).peak))
+        results.append((label, plan_config(type(cfg).model_validate(data), arch).peak))  # the method's config class
     return sorted(results, key=lambda x: x[1])
 
 
@@ -124,8 +123,10 @@ def plan_command(
     cfg = load_config(config, _overrides(set_))
     budget = parse_memory(gpu_memory)
     plan = plan_config(cfg, arch, use_cache=not no_cache)
+    steps = f"K={cfg.sampler.grad_steps} of {cfg.sampler.num_steps}" if cfg.method == "ipro" else \
+        f"{cfg.grpo.group_size} videos x {cfg.sampler.num_steps} steps"
     typer.echo(f"{config}: {cfg.method} on {plan.arch} ({plan.family}), {cfg.data.num_frames} frames at "
-               f"{cfg.data.height}x{cfg.data.width}, batch {cfg.data.batch_size}, K={cfg.sampler.grad_steps} of {cfg.sampler.num_steps}")
+               f"{cfg.data.height}x{cfg.data.width}, batch {cfg.data.batch_size}, {steps}")
     typer.echo(plan.table())
     for note in plan.notes:
         typer.echo(f"note: {note}")

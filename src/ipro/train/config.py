@@ -1,8 +1,11 @@
 """Training configuration: one validated model with every field documented.
 
 Loaded from YAML before any compute. An unknown key or a wrong type is a one-line
-error naming the key (`ipro train --print-config` shows every field with its default
-and meaning). Sections: model, data, sampler, reward, kl, optim, grpo, run.
+error naming the key (`ipro train --print-config --method M` shows every field with its
+default and meaning). The config is one class per method, chosen by its `method` key:
+every method has model, data, sampler, reward, optim and run; IPRO adds kl (and K in
+sampler, the reward weight in reward), GRPO adds grpo (and sampler.noise), SFT adds sft.
+A key of another method is refused, naming the method it belongs to.
 """
 
 from __future__ import annotations
@@ -77,15 +80,16 @@ class DataConfig(Section):
 
 
 class SamplerConfig(Section):
-    num_steps: int = Field(8, ge=1, description="Denoising steps T of the on-policy rollout.")
-    grad_steps: int = Field(4, ge=1, description="K: the last K steps run with gradient (DRaFT-K); the first T-K under no_grad.")
-    grad_steps_min: int | None = Field(None, ge=1, description="If set, K is drawn uniformly from [grad_steps_min, grad_steps] each step (AlignProp).")
+    """The sampler settings every method reads (SFT: its noise levels and sample videos)."""
+
+    num_steps: int = Field(8, ge=1, description="Denoising steps T of the on-policy rollout (SFT: of the schedule its noise levels are drawn from).")
     guidance_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance; 1.0 disables it (the paper's Lightning setting).")
     shift: float | None = Field(None, gt=0, description="Flow-matching timestep shift; None keeps the scheduler's.")
-    noise: Literal["flow_grpo", "identity_grpo"] = Field(
-        "flow_grpo", description="GRPO's SDE noise level per step: 'flow_grpo' eta * sqrt(sigma / (1 - sigma)) (Flow-GRPO; "
-        "grpo.eta), 'identity_grpo' sigma_min + (sigma_max - sigma_min) * sigma with the schedule's second and last sigmas "
-        "(alibaba/identity-grpo's public sampler; no eta).")
+
+
+class IPROSamplerConfig(SamplerConfig):
+    grad_steps: int = Field(4, ge=1, description="K: the last K steps run with gradient (DRaFT-K); the first T-K under no_grad.")
+    grad_steps_min: int | None = Field(None, ge=1, description="If set, K is drawn uniformly from [grad_steps_min, grad_steps] each step (AlignProp).")
 
     @model_validator(mode="after")
     def _k(self):
@@ -94,11 +98,17 @@ class SamplerConfig(Section):
         return self
 
 
+class GRPOSamplerConfig(SamplerConfig):
+    noise: Literal["flow_grpo", "identity_grpo"] = Field(
+        "flow_grpo", description="GRPO's SDE noise level per step: 'flow_grpo' eta * sqrt(sigma / (1 - sigma)) (Flow-GRPO; "
+        "grpo.eta), 'identity_grpo' sigma_min + (sigma_max - sigma_min) * sigma with the schedule's second and last sigmas "
+        "(alibaba/identity-grpo's public sampler; no eta).")
+
+
 class RewardConfig(Section):
     kind: Literal["face", "feature"] = Field("face", description="'face': the identity reward; 'feature': a generic image-feature reward (the paper's CLIP ablation).")
     mode: Literal["pool", "reference", "aligned"] = Field("pool", description="Face reward mode: 'pool' (FSM), 'reference' (input image's face), 'aligned' (gen frame i vs GT frame i).")
     recognizer: str = Field("dlib", description="'dlib' or 'arcface:/path/backbone.pth'.")
-    weight: float = Field(0.1, description="w in loss = -w * normalized reward + beta * KL.")
     norm_mean: float | None = Field(None, description="mu in (R - mu) / sigma; None uses the recognizer's measured default.")
     norm_std: float | None = Field(None, gt=0, description="sigma in (R - mu) / sigma; None uses the recognizer's measured default.")
     frame_stride: int = Field(1, ge=1, description="Score every N-th decoded frame.")
@@ -109,6 +119,10 @@ class RewardConfig(Section):
         "ignore", description="Several people: 'penalize' counts a face matched to nobody, and a person of the input image "
         "not found in a frame (two people blended into one, or one gone), as a value of 0; 'ignore' leaves both out.")
     feature_encoder: str | None = Field(None, description="kind=feature: local transformers checkpoint of an image encoder (CLIP/DINO).")
+
+
+class IPRORewardConfig(RewardConfig):
+    weight: float = Field(0.1, description="w in loss = -w * normalized reward + beta * KL.")
 
 
 class KLConfig(Section):
@@ -134,7 +148,7 @@ class OptimConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
 
 
-class GRPOConfig(Section):
+class GRPOSection(Section):
     group_size: int = Field(8, ge=2, description="Videos sampled per input (G).")
     kl_weight: float = Field(0.004, ge=0, description="KL penalty to the base model (the model before fine-tuning).")
     clip_range: float = Field(1e-3, gt=0, description="PPO clip range of the probability ratio.")
@@ -148,7 +162,7 @@ class GRPOConfig(Section):
     face_reward_weight: float = Field(1.0, ge=0, description="Weight of the face-pool reward in the mix.")
 
 
-class SFTConfig(Section):
+class SFTSection(Section):
     face_weight: float = Field(
         0.1, ge=0, description="SFT baseline: weight w of the face identity loss beside the diffusion loss, "
         "loss = ||v - v_target||^2 - w * normalized R_face(decoded x0 prediction) (the paper's SFT adds a face loss; "
@@ -181,23 +195,91 @@ class RunConfig(Section):
         return data
 
 
-class TrainConfig(Section):
-    """Everything `ipro train` needs. YAML keys mirror these fields."""
+class TrainConfigBase(Section):
+    """The sections every method reads; each method's config adds its own (below)."""
 
-    method: Literal["ipro", "grpo", "sft"] = Field("ipro", description="'ipro' reward backprop, 'grpo' group policy optimization, 'sft' flow-matching on GT clips.")
+    method: str = Field(description="The training method; each has its own config class and sections.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_methods_keys(cls, data):
+        """A key of another method's config (often left over from a preset of that method)
+        is named with the method it belongs to, instead of as an unknown key."""
+        if not isinstance(data, dict):
+            return data
+        mine, method = cls.model_fields, cls.model_fields["method"].default
+        for key, value in data.items():
+            owners = [m for m, other in METHOD_CONFIGS.items() if key in other.model_fields]
+            if key not in mine and owners:
+                raise ValueError(f"'{key}' is not a section of method '{method}' (only of {_names(owners)}); remove it")
+            fields = getattr(mine[key].annotation, "model_fields", None) if key in mine else None
+            if fields is None or not isinstance(value, dict):
+                continue
+            for sub in value:
+                owners = [m for m, other in METHOD_CONFIGS.items()
+                          if sub in getattr(other.model_fields.get(key) and other.model_fields[key].annotation, "model_fields", {})]
+                if sub not in fields and owners:
+                    raise ValueError(f"'{key}.{sub}' is not a setting of method '{method}' (only of {_names(owners)}); remove it")
+        return data
+
+
+class IPROConfig(TrainConfigBase):
+    """`ipro train` with method: ipro (reward backprop through the last K sampler steps)."""
+
+    method: Literal["ipro"] = Field("ipro", description="'ipro' reward backprop ('grpo' group policy optimization and 'sft' "
+                                    "flow-matching on GT clips have their own configs: --print-config --method M).")
+    sampler: IPROSamplerConfig = Field(default_factory=IPROSamplerConfig)
+    reward: IPRORewardConfig = Field(default_factory=IPRORewardConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+
+
+class GRPOConfig(TrainConfigBase):
+    """`ipro train` with method: grpo (Identity-GRPO: group rollouts, clipped policy update)."""
+
+    method: Literal["grpo"] = Field("grpo", description="'grpo' group relative policy optimization with an SDE sampler.")
+    sampler: GRPOSamplerConfig = Field(default_factory=GRPOSamplerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+
+
+class SFTConfig(TrainConfigBase):
+    """`ipro train` with method: sft (the baseline: flow matching on ground-truth clips + a face loss)."""
+
+    method: Literal["sft"] = Field("sft", description="'sft' flow-matching on ground-truth clips plus a face identity loss.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
-    kl: KLConfig = Field(default_factory=KLConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    sft: SFTSection = Field(default_factory=SFTSection)
+
+
+# The config of a run is one of these, told apart by its `method` key (default 'ipro').
+METHOD_CONFIGS: dict[str, type[TrainConfigBase]] = {"ipro": IPROConfig, "grpo": GRPOConfig, "sft": SFTConfig}
+TrainConfig = IPROConfig | GRPOConfig | SFTConfig
+
+
+def _names(methods: list[str]) -> str:
+    return " and ".join(f"'{m}'" for m in methods)
+
+
+def config_class(method: object, source: str = "--method") -> type[TrainConfigBase]:
+    """The config class of a method name; a one-line IproError naming `source` for an unknown one."""
+    if not isinstance(method, str) or method not in METHOD_CONFIGS:
+        raise IproError(f"{source}: {method!r} is not a training method; use one of {', '.join(METHOD_CONFIGS)}")
+    return METHOD_CONFIGS[method]
+
+
+def parse_config(data: dict, source: str = "config") -> TrainConfig:
+    """Validate a mapping of settings as the config of its `method` (errors name `source`)."""
+    cls = config_class(data.get("method", "ipro"), f"{source}: key 'method'")
+    return validate(cls, data, source, f"see `ipro train --print-config --method {cls.model_fields['method'].default}` for the valid keys")
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Read and validate a YAML config; `overrides` are dotted keys ('optim.lr': 1e-4)."""
+    """Read and validate a YAML config; `overrides` are dotted keys ('optim.lr': 1e-4).
+    Returns the config class of the config's method: IPROConfig, GRPOConfig or SFTConfig."""
     data: dict = read_mapping(path, "configs/tiny-cpu-ipro.yaml") if path is not None else {}
     for dotted, value in (overrides or {}).items():
         node = data
@@ -207,12 +289,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             if not isinstance(node, dict):
                 raise IproError(f"override '{dotted}': '{p}' is not a section")
         node[leaf] = value
-    return validate(TrainConfig, data, str(path) if path is not None else "config",
-                    "see `ipro train --print-config` for the valid keys")
+    return parse_config(data, str(path) if path is not None else "config")
 
 
-def describe_defaults() -> str:
-    """YAML of every field with its default and its description as a comment."""
+def describe_defaults(method: str = "ipro") -> str:
+    """YAML of every field of one method's config with its default and its description as a comment."""
     lines: list[str] = []
 
     def walk(model_cls: type[BaseModel], indent: str) -> None:
@@ -226,5 +307,5 @@ def describe_defaults() -> str:
             value = default if default == "<required>" else yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"{indent}{name}: {value}  # {field.description}")
 
-    walk(TrainConfig, "")
+    walk(config_class(method), "")
     return "\n".join(lines) + "\n"

@@ -100,32 +100,12 @@ class GRPOTrainer(Trainer):
     nonfinite_advice = "lower optim.lr or grpo.clip_range, enable optim.max_grad_norm, or check the reward"
 
     def build_reward(self):
-        from ipro.faces.embedder import FaceEmbedder
-        from ipro.rewards import FaceIdentityReward, WeightedReward
-        from ipro.rewards.learned import LearnedIdentityReward, read_meta
-        from ipro.rewards.vlm import VlmIdentityReward, VlmRewardModel
-        from ipro.train.ipro import build_face_reward
+        from ipro.rewards.factory import build_reward
 
-        g = self.config.grpo
-        dev = self.accelerator.device
-        if g.reward_model is None:
-            if g.face_reward_weight == 0:
-                raise IproError("grpo.face_reward_weight is 0 and grpo.reward_model is not set: there is no reward to optimize")
-            return build_face_reward(self.config.reward, dev)
-        meta = read_meta(g.reward_model)
-        face = build_face_reward(self.config.reward, dev) if g.face_reward_weight > 0 else None
-        if meta["backbone"] == "vlm":
-            vlm = VlmRewardModel.load(g.reward_model, device=dev, dtype=getattr(torch, self.config.model.dtype))  # the policy's dtype
-            learned = VlmIdentityReward(vlm)
-        else:
-            # One face detector/recognizer in memory when both rewards use the same one; the
-            # reward section's recognizer is also how an ArcFace-trained model finds its weights.
-            embedder = face.embedder if isinstance(face, FaceIdentityReward) else FaceEmbedder(self.config.reward.recognizer).to(dev)
-            shared = embedder if embedder.recognizer.name == meta["recognizer"] else None
-            learned = LearnedIdentityReward.from_pretrained(g.reward_model, embedder=shared, device=dev)
-        if face is None:
-            return learned
-        return WeightedReward([(g.face_reward_weight, face), (g.reward_model_weight, learned)])
+        c = self.config
+        return build_reward(c.reward, self.accelerator.device, reward_model=c.grpo.reward_model,
+                            reward_model_weight=c.grpo.reward_model_weight, face_reward_weight=c.grpo.face_reward_weight,
+                            dtype=getattr(torch, c.model.dtype))  # a VLM reward model runs in the policy's dtype
 
     # --- 1-3: rollout, reward, advantages ---------------------------------------------
 

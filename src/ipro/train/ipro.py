@@ -18,34 +18,12 @@ from ipro.train.kl import multistep_kl
 from ipro.train.trainer import Trainer
 
 
-def build_face_reward(rc, device):
-    """The reward section of the config as a reward object (face or generic feature)."""
-    from ipro.rewards import FaceIdentityReward, FrameSelection, ImageFeatureReward, Normalization
-    from ipro.rewards.face import default_normalization
-
-    frames = FrameSelection(stride=rc.frame_stride, count=rc.max_frames)
-    if rc.kind == "feature":
-        if not rc.feature_encoder:
-            from ipro.errors import IproError
-
-            raise IproError("reward.kind 'feature' needs reward.feature_encoder: a local CLIP/DINO checkpoint folder")
-        reward = ImageFeatureReward.from_pretrained(rc.feature_encoder, frames=frames)
-        return reward.to(device) if hasattr(reward, "to") else reward
-    from ipro.faces.embedder import FaceEmbedder
-
-    embedder = FaceEmbedder(rc.recognizer).to(device)
-    norm = default_normalization(embedder.recognizer.name)
-    norm = Normalization(rc.norm_mean if rc.norm_mean is not None else norm.mean, rc.norm_std if rc.norm_std is not None else norm.std)
-    return FaceIdentityReward(
-        embedder, mode=rc.mode, frames=frames, normalization=norm,
-        no_face="skip" if rc.no_face == "skip" else 0.0, unmatched=rc.unmatched, pool_skip_first=rc.exclude_first_frame,
-    )
-
-
 class IPROTrainer(Trainer):
     method = "ipro"
 
     def build_reward(self):
+        from ipro.rewards.factory import build_face_reward
+
         return build_face_reward(self.config.reward, self.accelerator.device)
 
     def rollout(self, batch: dict, generator: torch.Generator, grad: bool = True):

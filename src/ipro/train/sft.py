@@ -27,7 +27,7 @@ class SFTTrainer(Trainer):
     def build_reward(self):
         if self.config.sft.face_weight == 0:
             return None
-        from ipro.train.ipro import build_face_reward
+        from ipro.rewards.factory import build_face_reward
 
         return build_face_reward(self.config.reward, self.accelerator.device)
 
