@@ -134,3 +134,22 @@ def test_bad_tile_size_names_the_config_field(tiny):
         tile_geometry(vae, 24)
     with pytest.raises(IproError, match="at least 32"):
         tile_geometry(vae, 16)
+
+
+def test_backward_recomputes_under_the_callers_autocast(tiny):
+    # accelerate's bf16 mixed precision runs the forward in autocast and backward outside it:
+    # the recompute must use the forward's autocast (in float32 it would be off by ~10%).
+    vae = load_vae(tiny, "wan2.1-i2v")
+    z = latents(vae)
+
+    def autocast(decode):
+        def run(z):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return decode(z)
+        return run
+
+    ref_video, ref_grad = value_and_grad(autocast(lambda z: vae.decode(z, return_dict=False)[0]), z, None)
+    video, grad = value_and_grad(autocast(lambda z: decode_wan_vae(vae, z)), z, None)
+    assert video.dtype == ref_video.dtype == torch.bfloat16
+    torch.testing.assert_close(video, ref_video, rtol=0, atol=1e-6)
+    assert rel_err(grad, ref_grad) <= 1e-5

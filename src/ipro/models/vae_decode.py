@@ -24,6 +24,7 @@ Chunks after the last requested frame are never decoded. Everything depends on s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -84,6 +85,9 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, layout, result, z, *cache):
         ctx.run, ctx.layout = run, layout
+        # Backward runs outside the caller's autocast (e.g. accelerate's bf16): recompute under the same one.
+        device = z.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if torch.amp.is_autocast_available(device) else None
         ctx.save_for_backward(z, *cache)
         ctx.set_materialize_grads(False)  # outputs nothing reads (the last cache) get no gradient: skip them
         out, new_cache = run(z, _join(layout, cache), False)
@@ -94,7 +98,8 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *grad_cache):
         needs = ctx.needs_input_grad[3:]
-        with torch.enable_grad():
+        autocast = torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1]) if ctx.autocast else contextlib.nullcontext()
+        with torch.enable_grad(), autocast:
             inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
             out, new_cache = ctx.run(inputs[0], _join(ctx.layout, inputs[1:]), True)
         pairs = [(o, g) for o, g in zip([out, *_split(new_cache)[1]], [grad_out, *grad_cache]) if g is not None]
