@@ -116,11 +116,10 @@ def plan_command(
     and how many GPUs FSDP2 needs. The first plan of a config takes a minute on a CPU;
     results are cached in ~/.cache/ipro/plans.
     """
-    from ipro.cli.train import _overrides
     from ipro.memory.planner import plan_config
-    from ipro.train.config import load_config
+    from ipro.train.config import load_config, parse_sets
 
-    cfg = load_config(config, _overrides(set_))
+    cfg = load_config(config, parse_sets(set_))
     budget = parse_memory(gpu_memory)
     plan = plan_config(cfg, arch, use_cache=not no_cache)
     steps = f"K={cfg.sampler.grad_steps} of {cfg.sampler.num_steps}" if cfg.method == "ipro" else \

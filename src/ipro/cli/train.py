@@ -6,20 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 
 from ipro.cli.app import app
-from ipro.errors import IproError
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise IproError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 @app.command("train")
@@ -49,12 +37,12 @@ def train_command(
     optimizer, step) go to run.output_dir/checkpoint-<step>; TensorBoard logs beside them.
     Several GPUs: `accelerate launch --num_processes N -m ipro.cli.main train -c cfg.yaml`.
     """
-    from ipro.train.config import describe_defaults, load_config
+    from ipro.train.config import describe_defaults, load_config, parse_sets
 
     if print_config:
         typer.echo(describe_defaults(method or "ipro"), nl=False)
         return
-    overrides = _overrides(set_)
+    overrides = parse_sets(set_)
     if method:
         overrides["method"] = method
     cfg = load_config(config, overrides)

@@ -277,6 +277,17 @@ def parse_config(data: dict, source: str = "config") -> TrainConfig:
     return validate(cls, data, source, f"see `ipro train --print-config --method {cls.model_fields['method'].default}` for the valid keys")
 
 
+def parse_sets(pairs: list[str]) -> dict:
+    """Command-line `--set KEY=VALUE` pairs as `load_config` overrides (values read as YAML)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise IproError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a YAML config; `overrides` are dotted keys ('optim.lr': 1e-4).
     Returns the config class of the config's method: IPROConfig, GRPOConfig or SFTConfig."""
