@@ -96,3 +96,17 @@ def test_no_reward_module_imports_the_trainers():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith("ipro.train") for n in names), f"{f.name} imports {names}"
+
+
+PRESETS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("prepare"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_a_runs_written_config_loads_back_as_the_same_config(preset, tmp_path):
+    """The config.yaml a run writes holds only its method's keys, so `ipro train -c` takes it."""
+    from ipro.train.trainer import _yaml
+
+    cfg = load_config(preset)
+    (tmp_path / "config.yaml").write_text(_yaml(cfg))
+    again = load_config(tmp_path / "config.yaml")
+    assert type(again) is type(cfg) and again == cfg
