@@ -68,10 +68,9 @@ def test_grpo_config_with_grad_steps_is_one_line_from_the_cli(tmp_path):
     ("sft", {"sft"}, set(), "face_weight: 0.1  # SFT baseline"),
 ])
 def test_print_config_prints_one_methods_keys(method, sections, sampler, comment):
-    out = subprocess.run([IPRO, "train", "--print-config", "--method", method], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == describe_defaults(method) and comment in out.stdout
-    printed = yaml.safe_load(out.stdout)
+    text = describe_defaults(method)
+    assert comment in text
+    printed = yaml.safe_load(text)
     common = {"method", "model", "data", "sampler", "reward", "optim", "run"}
     assert set(printed) == common | sections and printed["method"] == method
     assert set(printed["sampler"]) == {"num_steps", "guidance_scale", "shift"} | sampler
@@ -80,6 +79,13 @@ def test_print_config_prints_one_methods_keys(method, sections, sampler, comment
     printed["data"]["dataset"] = "x"
     assert load_config(None, {"method": method, **{f"{s}.{k}": v for s, sec in printed.items() if isinstance(sec, dict)
                                                    for k, v in sec.items()}}) == load_config(None, {"method": method, "data.dataset": "x"})
+
+
+def test_print_config_method_from_the_cli():
+    out = subprocess.run([IPRO, "train", "--print-config", "--method", "grpo"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == describe_defaults("grpo"), out.stderr
+    out = subprocess.run([IPRO, "train", "--print-config", "--method", "dpo"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--method: 'dpo' is not a training method" in out.stderr
 
 
 def test_grpo_without_any_reward_is_refused_by_the_factory():
