@@ -79,3 +79,52 @@ def _fsync_dir(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+# --- Sharded training (FSDP2): whole tensors in the checkpoint, shards in the trainer ----------
+
+
+def gather_state(named_params: dict, optimizer, ema: dict | None, module, fsdp2: bool) -> tuple[dict, dict, dict | None]:
+    """Trainable weights, optimizer state and EMA as whole tensors. Under FSDP2 they are
+    sharded across ranks, so every rank must call this (it all-gathers)."""
+    if not fsdp2:
+        return named_params, optimizer.state_dict(), ema
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    params = {k: _whole(p.detach()) for k, p in named_params.items()}
+    ema = {k: _whole(v) for k, v in ema.items()} if ema is not None else None
+    # Keyed by parameter name (not index), whole tensors, on rank 0's CPU only.
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return params, optimizer_state, ema
+
+
+def restore_state(ckpt: dict, named_params: dict, optimizer, module, fsdp2: bool) -> dict | None:
+    """Copy a loaded checkpoint's weights and optimizer state into the trainer's (this rank's
+    shards under FSDP2); returns its EMA as the trainer holds it, or None."""
+    with torch.no_grad():
+        for k, p in named_params.items():
+            p.copy_(_shard_like(ckpt["params"][k], p))
+    if fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["ema"] is None:
+        return None
+    return {k: _shard_like(v, named_params[k]) for k, v in ckpt["ema"].items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shard) gathered into one tensor on every rank; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a checkpoint, as `like` holds it: this rank's shard under FSDP2."""
+    value = value.to(like.device, like.dtype)
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, like.device_mesh, like.placements)
+    return value

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ipro.errors import IproError
-from ipro.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ipro.train.checkpoint import gather_state, list_checkpoints, load_checkpoint, restore_state, save_checkpoint
 from ipro.train.config import TrainConfig
 
 
@@ -282,18 +282,8 @@ class Trainer:
         )
 
     def _gathered_state(self) -> tuple[dict, dict, dict | None]:
-        """Trainable weights, optimizer state and EMA as whole tensors. Under FSDP2 they are
-        sharded across ranks, so every rank must call this (it all-gathers)."""
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the real one
-        if not self.accelerator.is_fsdp2:
-            return self.named_params, opt.state_dict(), self.ema
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        params = {k: _whole(p.detach()) for k, p in self.named_params.items()}
-        ema = {k: _whole(v) for k, v in self.ema.items()} if self.ema is not None else None
-        # Keyed by parameter name (not index), whole tensors, on rank 0's CPU only.
-        optimizer_state = get_optimizer_state_dict(self.model.trainable_module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return params, optimizer_state, ema
+        return gather_state(self.named_params, opt, self.ema, self.model.trainable_module, self.accelerator.is_fsdp2)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the latest checkpoint (or `path`); returns False if there is none."""
@@ -309,18 +299,10 @@ class Trainer:
         missing = set(self.named_params) - set(ckpt["params"])
         if missing:
             raise IproError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was it made with another model.lora_* setting?")
-        with torch.no_grad():
-            for k, p in self.named_params.items():
-                p.copy_(_shard_like(ckpt["params"][k], p))
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
-        if self.accelerator.is_fsdp2:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.model.trainable_module, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(ckpt["optimizer"])
-        if self.ema is not None and ckpt["ema"] is not None:
-            self.ema = {k: _shard_like(v, self.named_params[k]) for k, v in ckpt["ema"].items()}
+        ema = restore_state(ckpt, self.named_params, opt, self.model.trainable_module, self.accelerator.is_fsdp2)
+        if self.ema is not None and ema is not None:
+            self.ema = ema
         s = ckpt["state"]
         self.global_step = int(s["step"])
         self.samples_seen = int(s.get("samples_seen", 0))
@@ -436,21 +418,6 @@ def _named(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[st
     if len(named) != len(params):
         raise RuntimeError("trainable parameters must belong to model.trainable_module")
     return named
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2 shard) gathered into one tensor on every rank; other tensors as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from a checkpoint, as `like` holds it: this rank's shard under FSDP2."""
-    value = value.to(like.device, like.dtype)
-    if hasattr(like, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(value, like.device_mesh, like.placements)
-    return value
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
