@@ -12,7 +12,6 @@ the checkpoint's own config:
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,15 +24,16 @@ from ipro.errors import IproError
 from ipro.models import lora as adapters
 from ipro.models.base import Condition, VideoModel, batch_prompts, quiet_loading, scheduler_with_shift
 from ipro.models.lora import ADAPTER, DEFAULT_LORA_TARGETS
+from ipro.models.offload import offload_blockwise
 from ipro.models.registry import read_model_index, register_family
+from ipro.models.wan_encoders import WanEncoders
 
 with quiet_loading():  # the pipeline module asks transformers for a torchvision image processor: one warning per process
     from diffusers import WanImageToVideoPipeline
 
-TEXT_TOKENS = 512  # Wan's cross-attention assumes exactly 512 text tokens (image tokens come first)
 
 
-class WanModel(VideoModel):
+class WanModel(WanEncoders, VideoModel):
     """A Wan checkpoint driven through the `VideoModel` interface (see the module docstring)."""
 
     pipeline_class = WanImageToVideoPipeline  # its LoRA loader/saver defines the file format
@@ -134,6 +134,7 @@ class WanModel(VideoModel):
         self.finetune: str | None = None
         self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
         self._use_base = False
+        # Encoder outputs, kept on the CPU: prompts by text, CLIP tokens by the image's pixels.
         self._text_cache: dict[str, torch.Tensor] = {}
         self._clip_cache: dict[bytes, torch.Tensor] = {}
         self._encoders_released = False  # text/image encoders moved to the CPU by release_encoders
@@ -152,18 +153,19 @@ class WanModel(VideoModel):
         return self.transformer.dtype
 
     def to(self, device) -> "WanModel":
+        """Move to `device`, except what must not sit there: released encoders, and the frozen expert
+        when it is offloaded (it then runs on `device` one block at a time)."""
         self.device = torch.device(device)
         released = (self.pipe.text_encoder, getattr(self.pipe, "image_encoder", None)) if self._encoders_released else ()  # T2V/VACE/Phantom pipelines have no image_encoder
         for module in self.pipe.components.values():
             if not isinstance(module, torch.nn.Module) or any(module is r for r in released):
                 continue
             if module is self.frozen_expert and self.offload_frozen:
-                self._offload(module)
+                self._offloaded_to = offload_blockwise(module, self.device, self._offloaded_to)
             else:
                 module.to(self.device)
         if self._frozen is not None:
             self._frozen.to(self.device)
-        self._text_cache = {k: v.to(self.device) for k, v in self._text_cache.items()}
         return self
 
     @property
@@ -171,25 +173,6 @@ class WanModel(VideoModel):
         """A14B fine-tuning: the high-noise expert, which runs but never trains; None otherwise."""
         two_experts = self.finetune is not None and self.trainable_module is self.transformer_2
         return self.transformer if two_experts else None
-
-    def _offload(self, module: torch.nn.Module) -> None:
-        if self._offloaded_to == self.device:
-            return
-        if self._offloaded_to is not None:  # onloading elsewhere now: drop the old hooks first
-            from diffusers.hooks import HookRegistry
-            from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING
-
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
-                registry.remove_hook(name, recurse=True)
-        module.to("cpu")
-        # One block on the device at a time; on CUDA the next block is copied while this one runs.
-        cuda = self.device.type == "cuda"
-        module.enable_group_offload(
-            onload_device=self.device, offload_device=torch.device("cpu"), offload_type="block_level",
-            num_blocks_per_group=1, use_stream=cuda, non_blocking=cuda,
-        )
-        self._offloaded_to = self.device
 
     # --- Fine-tuning setup ---------------------------------------------------------------
 
@@ -260,39 +243,6 @@ class WanModel(VideoModel):
 
     # --- Conditioning --------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 512, D) UMT5 embeddings, zero-padded like the pipeline; cached per prompt (on the CPU)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            encoder_device = self.pipe.text_encoder.device  # the CPU once the encoders are released
-            with torch.no_grad():
-                embeds, _ = self.pipe.encode_prompt(
-                    missing, do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS, device=encoder_device, dtype=self.dtype
-                )
-            for prompt, e in zip(missing, embeds):
-                length = int((e.abs().sum(-1) > 0).nonzero().max()) + 1 if e.abs().sum() > 0 else 0
-                self._text_cache[prompt] = e[:length].cpu().clone()  # store only real tokens; pads are exact zeros
-        out = torch.zeros(len(prompts), TEXT_TOKENS, self.transformer.config.text_dim, device=self.device, dtype=self.dtype)
-        for i, p in enumerate(prompts):
-            out[i, : len(self._text_cache[p])] = self._text_cache[p]
-        return out
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
-
-    def release_encoders(self, prompts, images=()) -> None:
-        """Encode every prompt and first frame training will use, then move the text and image
-        encoders to the CPU: they are not needed on the accelerator again. Anything new later
-        is encoded on the CPU (slower, same result up to the device's arithmetic)."""
-        self.encode_prompts(list(dict.fromkeys(prompts)))
-        self._encoders_released = True  # from here on encode_clip caches what it computes
-        if self.uses_clip:
-            for image in images:
-                self.encode_clip(image[None])
-        for encoder in (self.pipe.text_encoder, getattr(self.pipe, "image_encoder", None)):
-            if encoder is not None:
-                encoder.to("cpu")
-
     def _latents_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
@@ -304,27 +254,6 @@ class WanModel(VideoModel):
         z = self.vae.encode((video * 2 - 1).to(self.vae.dtype)).latent_dist.mode().float()
         mean, inv_std = self._latents_stats(z)
         return (z - mean) * inv_std
-
-    @torch.no_grad()
-    def encode_clip(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, N, D) CLIP tokens. Once the encoders are released, each
-        image is encoded alone and cached by its pixels, so a training step never runs CLIP."""
-        # The CLIP processor works on uint8 pictures (it resizes with PIL); [0, 1] floats round-trip exactly.
-        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        if not self._encoders_released:
-            return self._clip_tokens(list(pixels)).to(self.device)
-        keys = [hashlib.sha1(p.tobytes()).digest() + bytes(str(p.shape), "ascii") for p in pixels]
-        for key, p in zip(keys, pixels):
-            if key not in self._clip_cache:
-                self._clip_cache[key] = self._clip_tokens([p]).cpu()[0]
-        return torch.stack([self._clip_cache[k] for k in keys]).to(self.device)
-
-    def _clip_tokens(self, pixels: list) -> torch.Tensor:
-        encoder = self.pipe.image_encoder
-        inputs = self.pipe.image_processor(images=pixels, return_tensors="pt").to(encoder.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
-        hidden = encoder(**inputs, output_hidden_states=True).hidden_states
-        return hidden[-2].to(self.dtype)  # Wan uses the penultimate layer's tokens
 
     def prepare_condition(self, images, prompts, num_frames, height, width, negative_prompt: str | None = "") -> Condition:
         self.check_shape(num_frames, height, width)
