@@ -17,6 +17,7 @@ from torch import nn
 from ipro.errors import IproError
 from ipro.faces.align import ARCFACE_TEMPLATE_112
 from ipro.faces.recognizer import FaceRecognizer
+from ipro.faces.weights import torch_state_dict
 
 DEPTHS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 
@@ -99,23 +100,7 @@ class ArcFaceIResNet(FaceRecognizer):
     def from_checkpoint(cls, path: str | Path) -> ArcFaceIResNet:
         path = Path(path)
         hint = "pass an arcface_torch IResNet-50/100 backbone.pth"
-        if not path.is_file():
-            raise IproError(f"ArcFace checkpoint {path} does not exist; {hint}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for non-checkpoints; all mean the same here
-            # Not a torch.save file, or it pickles more than tensors (weights_only refuses
-            # arbitrary objects); the exception text itself is long and not actionable.
-            raise IproError(
-                f"ArcFace checkpoint {path} is not a PyTorch state dict of plain tensors "
-                f"(torch.load(weights_only=True) raised {type(e).__name__}); {hint}"
-            ) from None
-        for key in ("state_dict", "model"):  # training scripts often nest the weights
-            if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-        if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            raise IproError(f"ArcFace checkpoint {path} holds no state dict of tensors; {hint}")
-        state = {k.removeprefix("module."): v for k, v in ckpt.items()}  # DataParallel/DDP prefix
+        state = torch_state_dict(path, "ArcFace checkpoint", hint)
         depth = {v: k for k, v in DEPTHS.items()}.get(_blocks_per_stage(state))
         if depth is None:
             raise IproError(

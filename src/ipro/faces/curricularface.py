@@ -19,6 +19,7 @@ from torch import nn
 from ipro.errors import IproError
 from ipro.faces.align import ARCFACE_TEMPLATE_112
 from ipro.faces.recognizer import FaceRecognizer
+from ipro.faces.weights import torch_state_dict
 
 DEPTHS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}  # units per stage; the "IR_101" model is depth 100
 WIDTHS = (64, 128, 256, 512)
@@ -84,18 +85,7 @@ class CurricularFaceIR(FaceRecognizer):
     def from_checkpoint(cls, path: str | Path) -> "CurricularFaceIR":
         path = Path(path).expanduser()
         hint = "pass CurricularFace's IR-101 backbone (e.g. glint360k_curricular_face_r101_backbone.bin)"
-        if not path.is_file():
-            raise IproError(f"CurricularFace checkpoint {path} does not exist; {hint}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for non-checkpoints; all mean the same here
-            raise IproError(f"CurricularFace checkpoint {path} is not a state dict of plain tensors ({type(e).__name__}); {hint}") from None
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise IproError(f"CurricularFace checkpoint {path} holds no state dict of tensors; {hint}")
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = torch_state_dict(path, "CurricularFace checkpoint", hint)
         units = _units(state)
         if not all(units):
             raise IproError(f"CurricularFace checkpoint {path} has no IR body (units per stage {units}); {hint}")

@@ -42,3 +42,28 @@ def mtcnn_weights(net: str) -> Path:
     if net not in ("pnet", "rnet", "onet"):
         raise ValueError(f"unknown MTCNN stage {net!r}")
     return package_file("facenet_pytorch", "data", f"{net}.pt")
+
+
+def torch_state_dict(path: Path, what: str, hint: str) -> dict:
+    """The tensors of a user-supplied PyTorch checkpoint (`torch.load(weights_only=True)`),
+    unnested from 'state_dict'/'model' and without DataParallel's 'module.' prefix; one-line
+    IproErrors naming `what` and ending with `hint` otherwise."""
+    import torch
+
+    if not path.is_file():
+        raise IproError(f"{what} {path} does not exist; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for non-checkpoints; all mean the same here
+        # Not a torch.save file, or it pickles more than tensors (weights_only refuses
+        # arbitrary objects); the exception text itself is long and not actionable.
+        raise IproError(
+            f"{what} {path} is not a PyTorch state dict of plain tensors "
+            f"(torch.load(weights_only=True) raised {type(e).__name__}); {hint}"
+        ) from None
+    for key in ("state_dict", "model"):  # training scripts often nest the weights
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise IproError(f"{what} {path} holds no state dict of tensors; {hint}")
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}
