@@ -134,7 +134,7 @@ def _held_out(trainer) -> float:
     batch = collate([trainer.dataset[i] for i in range(len(trainer.dataset))])
     cond = model.prepare_condition(batch["image"], ["a person talking"] * len(batch["id"]), 9, c.height, c.width)
     refs = RewardBatch(pools=[p for p in batch["pool"] for _ in range(EVAL_SEEDS)],
-                       reference_frames=batch["image"].repeat_interleave(EVAL_SEEDS, 0))
+                       input_frames=batch["image"].repeat_interleave(EVAL_SEEDS, 0))
     with torch.no_grad():
         latents = sample(model, cond.repeat_interleave(EVAL_SEEDS), num_steps=4, grad_steps=0, seed=123, guidance_scale=1.0).latents
         out = trainer.reward(model.decode(latents), refs)

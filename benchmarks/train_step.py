@@ -51,7 +51,7 @@ def parts(trainer, step: int) -> dict[str, float]:
     cond, t_cond = timed(lambda: m.prepare_condition(images, [x or c.data.default_prompt for x in batch["caption"]], c.data.num_frames, c.data.height, c.data.width))
     rollout, t_roll = timed(lambda: sample(m, cond, num_steps=c.sampler.num_steps, grad_steps=c.sampler.grad_steps, generator=gen, guidance_scale=c.sampler.guidance_scale))
     frames, t_dec = timed(lambda: m.decode(rollout.latents))
-    out, t_rew = timed(lambda: trainer.reward(frames, RewardBatch(pools=batch["pool"], reference_frames=images)))
+    out, t_rew = timed(lambda: trainer.reward(frames, RewardBatch(pools=batch["pool"], input_frames=images)))
     kl, t_kl = timed(lambda: multistep_kl(m, rollout, cond, c.kl.weighting))
     loss = -c.reward.weight * out.mean() + c.kl.weight * kl
     _, t_bwd = timed(loss.backward)

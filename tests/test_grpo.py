@@ -165,7 +165,7 @@ def test_ten_steps_raise_the_face_reward_of_the_base_model(dataset, tmp_path):
         raw = []
         for seed in (100, 101, 102, 103):
             sde = sde_sample(model, cond, 4, eta=c.grpo.eta, generator=torch.Generator().manual_seed(seed))
-            raw.append(trainer.reward(model.decode(sde.latents), RewardBatch(pools=batch["pool"], reference_frames=batch["image"])).raw)
+            raw.append(trainer.reward(model.decode(sde.latents), RewardBatch(pools=batch["pool"], input_frames=batch["image"])).raw)
         raw = torch.cat(raw)
         assert torch.isfinite(raw).all()  # every sample has a face: the mean is over the same videos
         return raw

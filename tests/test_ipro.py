@@ -45,7 +45,7 @@ def training_reward(trainer) -> float:
     for seed in SEEDS:
         _, rollout = trainer.rollout(batch, torch.Generator().manual_seed(seed), grad=False)
         frames = trainer.model.decode(rollout.latents)
-        out = trainer.reward(frames, RewardBatch(pools=batch["pool"], reference_frames=batch["image"]))
+        out = trainer.reward(frames, RewardBatch(pools=batch["pool"], input_frames=batch["image"]))
         values.append(out.raw)
     raw = torch.cat(values)
     assert torch.isfinite(raw).all(), "a face went missing: the measurement would be biased"

@@ -72,7 +72,7 @@ def test_a_run_pushed_to_hack_logs_rigid_faces_and_warns(dataset, tmp_path):
     # KL off, 100x the reward weight, 10x the lr, reward on the input image's face only: the
     # fastest way to copy-paste faces (the README's ablation). ~10 s a step on 2 shared cores.
     out = tmp_path / "hack"
-    sets = [f"data.dataset={dataset}", "kl.weight=0", "reward.weight=10", "reward.mode=reference", "optim.lr=1e-3",
+    sets = [f"data.dataset={dataset}", "kl.weight=0", "reward.weight=10", "reward.mode=input_face", "optim.lr=1e-3",
             "optim.steps=7", "data.batch_size=2", f"run.output_dir={out}", "run.checkpoint_every=100", "run.rigid_warn_rate=0.5"]
     run = subprocess.run([IPRO, "train", "-c", "configs/tiny-cpu-ipro.yaml", *sum((["--set", s] for s in sets), [])],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -77,9 +77,9 @@ def test_learned_reward_scores_the_original_above_its_swap(model, pairs_dir):
     pair = next(p for p in load_pairs(pairs_dir / "heldout.jsonl") if p.kind == "swap")
     better, worse = (pair.video_a, pair.video_b) if pair.label == "a" else (pair.video_b, pair.video_a)
     frames = torch.stack([to_tensor(read_video(v)[0]) for v in (better, worse)]).requires_grad_(True)
-    reference = to_tensor(read_image(pair.references[0]))[None].expand(2, -1, -1, -1)
+    image = to_tensor(read_image(pair.references[0]))[None].expand(2, -1, -1, -1)
     reward = LearnedIdentityReward(model)
-    out = reward(frames, RewardBatch(reference_frames=reference))
+    out = reward(frames, RewardBatch(input_frames=image))
     assert out.score[0] > out.score[1] and out.valid.all()
     assert out.per_frame.shape == (2, 8) and out.coverage.min() == 1.0  # a face in every scored frame
     out.mean().backward()  # connected to the frames, with zero gradient: GRPO needs none

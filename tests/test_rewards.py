@@ -108,18 +108,18 @@ def test_own_pool_scores_higher_than_another_person(embedder, natural, astronaut
 
 def test_frozen_face_copy_paste(embedder, natural, carphone_pool):
     frozen = natural[:, :1].expand_as(natural).contiguous()
-    batch = {"pools": [carphone_pool], "reference_frames": natural[:, 0]}
-    ref = FaceIdentityReward(embedder, mode="reference")
+    batch = {"pools": [carphone_pool], "input_frames": natural[:, 0]}
+    ref = FaceIdentityReward(embedder, mode="input_face")
     pool = FaceIdentityReward(embedder, mode="pool")
     ref_frozen, ref_natural = ref(frozen, batch).raw.item(), ref(natural, batch).raw.item()
     pool_frozen, pool_natural = pool(frozen, batch).raw.item(), pool(natural, batch).raw.item()
-    # Reference mode pays most for copying the input face: frozen 1.000 vs natural
+    # input_face mode pays most for copying the input face: frozen 1.000 vs natural
     # 0.9805 (measured), a gain of ~0.5 std of the dlib normalization.
     assert ref_frozen > 0.999
     assert ref_frozen - ref_natural > 0.01
     # Pool mode (FSM) compares every frame with all 120 poses of the clip, so a copy of
     # frame 0 is just one more pose: measured frozen 0.9789 vs natural 0.9775, a gain
-    # of 0.0014, 7% of reference mode's (0.0195). FSM damps the copy-paste incentive
+    # of 0.0014, 7% of input_face mode's (0.0195). FSM damps the copy-paste incentive
     # but does not remove it: frame 0 is a typical, frontal pose, close to the pool's
     # mean. (Leaving gt frame 0 out of the pool changes this by < 1e-4: one of 120.)
     gain_ref, gain_pool = ref_frozen - ref_natural, pool_frozen - pool_natural
@@ -269,7 +269,7 @@ def test_no_face_never_crashes(embedder, natural, carphone_pool):
     assert fallback.logs["face/no_face_batch"] == 0.0 and fallback.logs["face/no_face_samples"] == 1
     # In a sum, a sample the face reward skipped still counts through the other reward.
     total = FaceIdentityReward(embedder) + 0.5 * ImageFeatureReward(TinyEncoder())
-    both = total(mixed, {"pools": [carphone_pool] * 2, "reference_frames": mixed[:, 0]})
+    both = total(mixed, {"pools": [carphone_pool] * 2, "input_frames": mixed[:, 0]})
     assert both.valid.tolist() == [True, True] and both.has_face.tolist() == [True, False]
 
 
@@ -299,9 +299,9 @@ class TinyEncoder(torch.nn.Module):
 def test_image_feature_reward_and_weighted_sum(embedder, natural, carphone_pool):
     frames = natural[:, :3].clone().requires_grad_(True)
     image = ImageFeatureReward(TinyEncoder(), normalization=Normalization(0.5, 0.25))
-    batch = {"pools": [carphone_pool], "reference_frames": natural[:, 0], "prompt": ["a man"]}
+    batch = {"pools": [carphone_pool], "input_frames": natural[:, 0], "prompt": ["a man"]}
     out = image(frames, batch)
-    # Frame 0 is the reference itself: cosine 1.
+    # Frame 0 is the input image itself: cosine 1.
     assert out.per_frame[0, 0].item() == pytest.approx(1.0, abs=1e-5)
     assert out.score.item() == pytest.approx((out.raw.item() - 0.5) / 0.25, abs=1e-5)
     face = FaceIdentityReward(embedder)

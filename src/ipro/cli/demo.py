@@ -15,7 +15,7 @@ def demo_command(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, runs, videos, metrics and demo_report.html."),
     steps: int = typer.Option(60, min=1, help="IPRO optimizer steps per run."),
     sample_steps: int = typer.Option(4, min=1, help="Sampler steps for the held-out videos (the IPRO preset trains on 4-step rollouts)."),
-    ablations: bool = typer.Option(True, help="Also train the paper's ablations: KL off, and reference mode."),
+    ablations: bool = typer.Option(True, help="Also train the paper's ablations: KL off, and input_face mode."),
     model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded one)."),
 ) -> None:
     """Curate real footage, evaluate the base model, fine-tune it with IPRO (and the

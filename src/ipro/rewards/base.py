@@ -82,13 +82,13 @@ class RewardBatch:
 
     pools: one `FacePool` (or None) per video: the faces of its ground-truth clip, from
         the curated dataset. Face rewards fall back to `gt_frames` when a pool is None.
-    reference_frames: (B, 3, H, W) in [0, 1]: the input image of each video.
+    input_frames: (B, 3, H, W) in [0, 1]: the input image of each video.
     gt_frames: (B, F', 3, H', W') in [0, 1]: the ground-truth videos.
     extra: anything else the trainer carries (prompts, ids); rewards ignore it.
     """
 
     pools: list[FacePool | None] | None = None
-    reference_frames: torch.Tensor | None = None
+    input_frames: torch.Tensor | None = None
     gt_frames: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +105,7 @@ class RewardBatch:
             raise IproError(f"reward batch must be a RewardBatch or a dict, got {type(batch).__name__}")
         if batch.pools is not None and len(batch.pools) != size:
             raise IproError(f"reward batch has {len(batch.pools)} pools for {size} videos")
-        for name in ("reference_frames", "gt_frames"):
+        for name in ("input_frames", "gt_frames"):
             t = getattr(batch, name)
             if t is not None and t.shape[0] != size:
                 raise IproError(f"reward batch {name} has {t.shape[0]} items for {size} videos")

@@ -1,17 +1,17 @@
 """The face-identity reward of IPRO, extended to several people.
 
 For each scored generated frame, every detected face is matched to a person of the
-ground truth; its value is its mean cosine to that person's reference faces, and the
+ground truth; its value is its mean cosine to that person's target faces, and the
 frame's value is the mean over its faces. The reward is the mean over frames that
 got a value. With one person and `mode="pool"` this is exactly the paper's facial
 scoring mechanism (FSM): s_i = mean_j cos(phi(gen_i), phi(gt_j)), R = mean_i s_i.
 Since the embeddings are unit vectors, mean_j cos(g, e_j) = g . mean_j e_j, so a
 person's pool collapses to one (unnormalized) mean vector.
 
-Modes (what "that person's reference faces" are):
+Modes (what "that person's target faces" are):
 - "pool": the person's faces in every frame of the ground-truth clip (FSM).
   `pool_skip_first` drops ground-truth frame 0, which is the input image itself.
-- "reference": the person's face in the input image only (`batch.reference_frames`,
+- "input_face": the person's face in the input image only (`batch.input_frames`,
   each face there one person; else the pool's frame-0 faces). Rewards copy-paste.
 - "aligned": the person's face in the time-aligned ground-truth frame.
 
@@ -22,7 +22,7 @@ than people, or below `match_threshold`) are "unmatched" and either ignored or
 counted with value 0 (`unmatched="penalize"`). The same setting counts a person who
 should be in a frame but is not found there as a value of 0, so that two people blending
 into one, or one vanishing, costs reward: expected are the people of the input image
-(pool and reference modes) or of the time-aligned ground-truth frame ("aligned"). A
+(pool and input_face modes) or of the time-aligned ground-truth frame ("aligned"). A
 frame without any face is not penalized (see "No faces" below). Missing people are
 logged either way. Generated faces are tracked through time by
 position (see `ipro.rewards.tracking`); a track whose per-frame match changes is an
@@ -69,7 +69,7 @@ from ipro.rewards.tracking import count_swaps, track_faces, track_identity
 # Measured as described in the module docstring.
 NORMALIZATION = {"dlib": Normalization(0.94, 0.04), "arcface": Normalization(0.54, 0.16)}
 
-MODES = ("pool", "reference", "aligned")
+MODES = ("pool", "input_face", "aligned")
 
 
 def _family(recognizer: str) -> str | None:
@@ -112,7 +112,7 @@ class FaceIdentityReward(Reward):
 
     Args:
         embedder: detects and embeds faces; default `FaceEmbedder()` (MTCNN + dlib).
-        mode: "pool" (FSM), "reference" (input image) or "aligned" (gt frame i).
+        mode: "pool" (FSM), "input_face" (input image) or "aligned" (gt frame i).
         frames: which generated frames to score.
         normalization: default: by recognizer (see module docstring).
         no_face: "skip" or the normalized score given to a sample without faces.
@@ -190,7 +190,7 @@ class FaceIdentityReward(Reward):
             id_table[i, : len(r["identity_scores"])] = r["identity_scores"]
         people = [r["people"] for r in results if r["people"]]
         # samples with generated faces but nothing to compare them with
-        no_reference = sum(t is None and bool((gen.sample == i).any()) for i, t in enumerate(targets))
+        no_target = sum(t is None and bool((gen.sample == i).any()) for i, t in enumerate(targets))
         n = self.name
         logs = {
             f"{n}/faces": float(gen.num_faces),
@@ -198,7 +198,7 @@ class FaceIdentityReward(Reward):
             f"{n}/missing_people": float(sum(r["missing"] for r in results)),  # person-frames not found
             f"{n}/swaps": float(sum(r["swaps"] for r in results)),
             f"{n}/people": sum(people) / max(1, len(people)),  # mean over samples with someone scored
-            f"{n}/no_reference_samples": float(no_reference),
+            f"{n}/no_target_samples": float(no_target),
         }
         details = {
             f"{n}/swaps": torch.tensor([r["swaps"] for r in results]),
@@ -209,7 +209,7 @@ class FaceIdentityReward(Reward):
         raws = [r["raw"] for r in results]
         return finish(n, self.normalization, raws, per_frame, steps, anchor, self.no_face, logs, details)
 
-    # -- references -------------------------------------------------------------
+    # -- targets ----------------------------------------------------------------
 
     def _pools(self, batch: RewardBatch, b: int) -> list[FacePool | None]:
         pools = list(batch.pools) if batch.pools is not None else [None] * b
@@ -231,13 +231,13 @@ class FaceIdentityReward(Reward):
 
     def _targets(self, batch: RewardBatch, b: int, steps: torch.Tensor, num_frames: int):
         """Per sample: None (nothing to compare with) or (centroids (P, D) for
-        assignment, targets (T, P, D) mean reference embedding per person, available
+        assignment, targets (T, P, D) mean target embedding per person, available
         (T, P), expected (T, P): who should be in the frame); T is 1, or one entry per
         scored frame in "aligned" mode."""
         device = steps.device
-        if self.mode == "reference" and batch.reference_frames is not None:
+        if self.mode == "input_face" and batch.input_frames is not None:
             with torch.no_grad():
-                ref = self.embedder(batch.reference_frames[:, None].detach())
+                ref = self.embedder(batch.input_frames[:, None].detach())
             out = []
             for i in range(b):
                 emb = ref.embeddings[ref.sample == i].float()
@@ -249,8 +249,8 @@ class FaceIdentityReward(Reward):
         pools = self._pools(batch, b)
         if all(p is None for p in pools):
             need = "batch.pools or batch.gt_frames"
-            if self.mode == "reference":
-                need = "batch.reference_frames, " + need
+            if self.mode == "input_face":
+                need = "batch.input_frames, " + need
             raise IproError(f"FaceIdentityReward(mode='{self.mode}') needs {need}")
         out = []
         for pool in pools:
@@ -270,7 +270,7 @@ class FaceIdentityReward(Reward):
                 mean, avail = _mean_by(emb[keep], ident[keep], people)
                 on_input = _mean_by(emb[frame == 0], ident[frame == 0], people)[1]
                 out.append((centroids, mean[None], avail[None], on_input[None]))
-            elif self.mode == "reference":  # the input image is ground-truth frame 0
+            elif self.mode == "input_face":  # the input image is ground-truth frame 0
                 mean, avail = _mean_by(emb[frame == 0], ident[frame == 0], people)
                 out.append((centroids, mean[None], avail[None], avail[None]) if avail.any() else None)
             else:  # aligned: generated frame f <-> ground-truth frame at the same relative time
@@ -304,7 +304,7 @@ class FaceIdentityReward(Reward):
         matched = person >= 0
         t = step if targets.shape[0] > 1 else torch.zeros_like(step)
         p = person.clamp_min(0)
-        value = (emb * targets[t, p].to(emb.dtype)).sum(-1)  # = mean cosine to the person's reference faces
+        value = (emb * targets[t, p].to(emb.dtype)).sum(-1)  # = mean cosine to the person's target faces
         comparable = matched & available[t, p]
         if self.unmatched == "penalize":
             value = torch.where(matched, value, torch.zeros_like(value))

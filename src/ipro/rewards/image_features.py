@@ -1,5 +1,5 @@
 """A reward from any image encoder: cosine of generated frames' features to the
-reference image's (the paper's "CLIP reward" ablation).
+input image's (the paper's "CLIP reward" ablation).
 
 No CLIP weights ship in any package here, so the encoder is the user's: a local
 transformers checkpoint (`ImageFeatureReward.from_pretrained(path)`), or any torch
@@ -118,17 +118,17 @@ class EncoderRecognizer(FaceRecognizer):
 class ImageFeatureReward(Reward):
     """Mean cosine between each scored frame's features and the target's.
 
-    target: "reference" (the input image, `batch.reference_frames`, else ground-truth
+    target: "input" (the input image, `batch.input_frames`, else ground-truth
     frame 0) or "gt" (mean over all ground-truth frames, the FSM analogue).
     Default normalization is none (0, 1): no CLIP weights ship here to measure one.
     """
 
-    def __init__(self, encoder: ImageEncoder | nn.Module, target: str = "reference",
+    def __init__(self, encoder: ImageEncoder | nn.Module, target: str = "input",
                  frames: FrameSelection = FrameSelection(), normalization: Normalization | None = None,
                  name: str = "image") -> None:
         super().__init__()
-        if target not in ("reference", "gt"):
-            raise IproError(f"ImageFeatureReward target must be 'reference' or 'gt', got '{target}'")
+        if target not in ("input", "gt"):
+            raise IproError(f"ImageFeatureReward target must be 'input' or 'gt', got '{target}'")
         self.encoder = encoder if isinstance(encoder, ImageEncoder) else ImageEncoder(encoder)
         self.target, self.frames, self.name = target, frames, name
         self.normalization = normalization or Normalization()
@@ -142,15 +142,15 @@ class ImageFeatureReward(Reward):
         b, num_frames = frames.shape[:2]
         batch = RewardBatch.coerce(batch, b)
         with torch.no_grad():
-            if self.target == "reference" and batch.reference_frames is not None:
-                ref = F.normalize(self.encoder(batch.reference_frames), dim=-1)
+            if self.target == "input" and batch.input_frames is not None:
+                ref = F.normalize(self.encoder(batch.input_frames), dim=-1)
             elif batch.gt_frames is not None:
                 gt = batch.gt_frames if self.target == "gt" else batch.gt_frames[:, :1]
                 feats = F.normalize(self.encoder(gt.flatten(0, 1)), dim=-1).view(b, gt.shape[1], -1)
                 ref = feats.mean(1)  # a dot with the mean = the mean cosine to all gt frames
             else:
                 raise IproError(
-                    f"ImageFeatureReward(target='{self.target}') needs batch.reference_frames or batch.gt_frames"
+                    f"ImageFeatureReward(target='{self.target}') needs batch.input_frames or batch.gt_frames"
                 )
         steps = self.frames.indices(num_frames).to(frames.device)
         k = len(steps)

@@ -260,7 +260,7 @@ class LearnedIdentityReward(Reward):
     """A trained `IdentityRewardModel` as a `Reward` (scores carry no gradient).
 
     References, in order of preference: `batch.extra["references"]` (per video a
-    (K, 3, H, W) tensor of reference images), `batch.reference_frames` (the input image),
+    (K, 3, H, W) tensor of reference images), `batch.input_frames` (the input image),
     the pool's people (`batch.pools`); with none, the video's own first faces.
     `per_frame` holds each scored frame's face cosine to its person (NaN: no face).
     """
@@ -304,10 +304,10 @@ class LearnedIdentityReward(Reward):
         refs = batch.extra.get("references")
         if refs is not None:
             return [self.extractor.people(r) for r in refs]
-        if batch.reference_frames is not None:
+        if batch.input_frames is not None:
             people, seen = [], {}
             for i in range(b):  # a GRPO group repeats each input image: detect it once
-                img = batch.reference_frames[i]
+                img = batch.input_frames[i]
                 key = next((k for k, v in seen.items() if v.shape == img.shape and torch.equal(v, img)), None)
                 if key is None:
                     key = len(seen)

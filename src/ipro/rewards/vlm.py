@@ -244,7 +244,7 @@ def train_vlm_reward_model(model: VlmRewardModel, train_pairs, epochs: int = 1, 
 class VlmIdentityReward(Reward):
     """A trained `VlmRewardModel` as a `Reward` (no gradient): references are
     `batch.extra["references"]` (per video a list or (K, 3, H, W) tensor) or the input
-    images (`batch.reference_frames`)."""
+    images (`batch.input_frames`)."""
 
     name = "identity_vlm"
 
@@ -258,9 +258,9 @@ class VlmIdentityReward(Reward):
         batch = RewardBatch.coerce(batch, b)
         refs = batch.extra.get("references")
         if refs is None:
-            if batch.reference_frames is None:
-                raise IproError("the VLM identity reward needs reference images: batch.reference_frames or batch.extra['references']")
-            refs = [batch.reference_frames[i : i + 1] for i in range(b)]
+            if batch.input_frames is None:
+                raise IproError("the VLM identity reward needs reference images: batch.input_frames or batch.extra['references']")
+            refs = [batch.input_frames[i : i + 1] for i in range(b)]
         with torch.no_grad():
             raw = self.model(refs, frames).float().to(frames.device)
         steps = sample_frames(frames.shape[1], self.model.num_frames).to(frames.device)

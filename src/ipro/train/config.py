@@ -107,7 +107,7 @@ class GRPOSamplerConfig(SamplerConfig):
 
 class RewardConfig(Section):
     kind: Literal["face", "feature"] = Field("face", description="'face': the identity reward; 'feature': a generic image-feature reward (the paper's CLIP ablation).")
-    mode: Literal["pool", "reference", "aligned"] = Field("pool", description="Face reward mode: 'pool' (FSM), 'reference' (input image's face), 'aligned' (gen frame i vs GT frame i).")
+    mode: Literal["pool", "input_face", "aligned"] = Field("pool", description="Face reward mode: 'pool' (FSM), 'input_face' (the input image's faces), 'aligned' (gen frame i vs GT frame i).")
     recognizer: str = Field("dlib", description="'dlib' or 'arcface:/path/backbone.pth'.")
     norm_mean: float | None = Field(None, description="mu in (R - mu) / sigma; None uses the recognizer's measured default.")
     norm_std: float | None = Field(None, gt=0, description="sigma in (R - mu) / sigma; None uses the recognizer's measured default.")
@@ -119,6 +119,13 @@ class RewardConfig(Section):
         "ignore", description="Several people: 'penalize' counts a face matched to nobody, and a person of the input image "
         "not found in a frame (two people blended into one, or one gone), as a value of 0; 'ignore' leaves both out.")
     feature_encoder: str | None = Field(None, description="kind=feature: local transformers checkpoint of an image encoder (CLIP/DINO).")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _renamed_mode(cls, mode):
+        if mode == "reference":
+            raise ValueError("reward.mode: 'reference' is now 'input_face' (the input image's faces); rename the value")
+        return mode
 
 
 class IPRORewardConfig(RewardConfig):

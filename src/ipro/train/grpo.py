@@ -127,7 +127,7 @@ class GRPOTrainer(Trainer):
         images = batch["image"].to(frames.device).repeat_interleave(G, 0)
         # A reference-to-video model's reference crops are the learned rewards' references too.
         extra = {"references": [r for r in batch["references"] for _ in range(G)]} if "references" in batch else {}
-        out = self.reward(frames.float(), RewardBatch(pools=pools, reference_frames=images, extra=extra))
+        out = self.reward(frames.float(), RewardBatch(pools=pools, input_frames=images, extra=extra))
         t2 = time.perf_counter()
         scores, valid = out.score.detach().float(), out.valid
         adv = group_advantages(scores, valid, G)

@@ -53,7 +53,7 @@ class IPROTrainer(Trainer):
             full = frames.new_zeros(frames.shape[0], c.data.num_frames, *frames.shape[2:])
             full[:, wanted] = frames
             frames = full
-        out = self.reward(frames, RewardBatch(pools=batch["pool"], reference_frames=images))
+        out = self.reward(frames, RewardBatch(pools=batch["pool"], input_frames=images))
         reward = out.mean()
         kl = multistep_kl(self.model, rollout, cond, c.kl.weighting)
         loss = -c.reward.weight * reward + c.kl.weight * kl

@@ -65,4 +65,4 @@ class SFTTrainer(Trainer):
         frames = self.model.decode(x0_hat, frames=wanted)
         full = frames.new_zeros(frames.shape[0], num_frames, *frames.shape[2:])  # the reward picks `wanted` again
         full[:, wanted] = frames
-        return self.reward(full, RewardBatch(pools=batch["pool"], reference_frames=first_frames))
+        return self.reward(full, RewardBatch(pools=batch["pool"], input_frames=first_frames))
