@@ -1,6 +1,6 @@
 """VLM reward input preparation: our torch patch layout against transformers' processor.
 
-What the reward model does per video before the VLM runs: 1 reference + 8 frames of
+What the reward model does per video before the VLM runs: 1 subject image + 8 frames of
 carphone, resized to 224 x 224 and laid out as Qwen2.5-VL patch rows. Ours
 (`VlmRewardModel.pixels`: interpolate + normalize + reshape in torch, batched) against
 transformers' `Qwen2VLImageProcessorPil` on the same frames as PIL images (what
@@ -37,7 +37,7 @@ def main() -> list[dict]:
     from ipro.rewards.vlm import CLIP_MEAN, CLIP_STD, patchify
 
     torch.set_num_threads(1)
-    frames = carphone()[::13][:9]  # (9, 144, 176, 3): a reference and 8 frames
+    frames = carphone()[::13][:9]  # (9, 144, 176, 3): a subject image and 8 frames
     video = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255).movedim(-1, -3)
     mean = torch.tensor(CLIP_MEAN)[:, None, None]
     std = torch.tensor(CLIP_STD)[:, None, None]

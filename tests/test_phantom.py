@@ -1,5 +1,5 @@
 """Phantom-Wan (subject-to-video) on a tiny random checkpoint: Phantom's sampling loop and
-CFG, reference frames in and out, the checkpoint conversion, training with GRPO and IPRO,
+CFG, subject frames in and out, the checkpoint conversion, training with GRPO and IPRO,
 and `ipro generate --reference A B` / `ipro eval` on its output."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def crop(astronaut, rows, cols, size):
 
 
 @pytest.fixture(scope="module")
-def references(astronaut):
+def subjects(astronaut):
     """Two subject images of different sizes and aspects (48 x 40 and 32 x 56), uint8."""
     return [crop(astronaut, slice(40, 240), slice(140, 380), (48, 40)), crop(astronaut, slice(200, 400), slice(100, 300), (32, 56))]
 
@@ -40,17 +40,17 @@ def as_float(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
 
 
-def prepared(folder, references, **options):
-    model = load_model(folder, num_reference_images=len(references), **options)
+def prepared(folder, subjects, **options):
+    model = load_model(folder, num_subject_images=len(subjects), **options)
     cond = model.prepare_condition(
-        torch.zeros(1, 3, H, W), [PROMPT], FRAMES, H, W, negative_prompt="blurry", reference_images=[[as_float(r) for r in references]]
+        torch.zeros(1, 3, H, W), [PROMPT], FRAMES, H, W, negative_prompt="blurry", subject_images=[[as_float(r) for r in subjects]]
     )
     return model, cond
 
 
 def phantom_loop(model, cond, noise, steps, text_scale, image_scale):
     """Phantom's own sampling loop (phantom_wan/subject2video.py), written against diffusers'
-    transformer and an Euler flow-matching scheduler: the reference latents replace the last
+    transformer and an Euler flow-matching scheduler: the subject latents replace the last
     R latent frames before every call; CFG = neg + s_img (pos_i - neg) + s_text (pos_it - pos_i)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -77,24 +77,24 @@ def phantom_loop(model, cond, noise, steps, text_scale, image_scale):
     return latents[:, :, :-r]
 
 
-@pytest.mark.parametrize(("num_refs", "text_scale", "image_scale"), [(1, 1.0, 5.0), (2, 1.0, 5.0), (2, 7.5, 5.0), (1, 4.0, 2.0)])
-def test_ode_matches_phantom_sampling_loop(phantom, references, num_refs, text_scale, image_scale):
-    model, cond = prepared(phantom, references[:num_refs], image_guidance_scale=image_scale)
+@pytest.mark.parametrize(("num_subjects", "text_scale", "image_scale"), [(1, 1.0, 5.0), (2, 1.0, 5.0), (2, 7.5, 5.0), (1, 4.0, 2.0)])
+def test_ode_matches_phantom_sampling_loop(phantom, subjects, num_subjects, text_scale, image_scale):
+    model, cond = prepared(phantom, subjects[:num_subjects], image_guidance_scale=image_scale)
     assert detect_family(phantom) == "phantom" and isinstance(model, FAMILIES["phantom"])
     noise = torch.randn(model.latent_shape(1, FRAMES, H, W), generator=torch.Generator().manual_seed(7))
-    assert noise.shape == (1, 16, 3 + num_refs, H // 8, W // 8)  # the video's latent frames, then the references
+    assert noise.shape == (1, 16, 3 + num_subjects, H // 8, W // 8)  # the video's latent frames, then the subjects
     with torch.no_grad():
         ours = sample(model, cond, 5, guidance_scale=text_scale, noise=noise).latents
         theirs = phantom_loop(model, cond, noise, 5, text_scale, image_scale)
-    assert torch.equal(ours[:, :, 3:], cond.image_latents)  # the references are imposed, not generated
+    assert torch.equal(ours[:, :, 3:], cond.image_latents)  # the subjects are imposed, not generated
     assert torch.allclose(ours[:, :, :3], theirs, atol=1e-5, rtol=0), (ours[:, :, :3] - theirs).abs().max()
     assert (ours[:, :, :3] - noise[:, :, :3]).abs().mean() > 0.1  # and the video did move
 
 
-def test_references_condition_the_video_and_are_dropped(phantom, references):
-    model, cond = prepared(phantom, references)
-    # Each reference: scaled to fit the video, centred on white, one latent frame in the given order.
-    canvas = model._reference_canvas(as_float(references[1]), H, W)
+def test_subject_images_condition_the_video_and_are_dropped(phantom, subjects):
+    model, cond = prepared(phantom, subjects)
+    # Each subject image: scaled to fit the video, centred on white, one latent frame in the given order.
+    canvas = model._subject_canvas(as_float(subjects[1]), H, W)
     assert (canvas[:, :, :10] == 1).all() and (canvas[:, :, -10:] == 1).all()  # 32 x 56 (taller): white bars left, right
     alone = model.encode_video(canvas[None, :, None])
     assert torch.allclose(cond.image_latents[:, :, 1:2], alone, atol=1e-6)
@@ -105,12 +105,12 @@ def test_references_condition_the_video_and_are_dropped(phantom, references):
     with torch.no_grad():
         latents = sample(model, cond, 4, guidance_scale=1.0, noise=noise).latents
         video = model.decode(latents)
-        # The VAE decode of the video's latent frames alone (references dropped), by hand.
+        # The VAE decode of the video's latent frames alone (subjects dropped), by hand.
         mean = torch.tensor(model.vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(model.vae.config.latents_std).view(1, -1, 1, 1, 1)
         by_hand = model.vae.decode(latents[:, :, :3] * std + mean, return_dict=False)[0]
-        # Other references, same noise: another video.
-        swapped = model.prepare_condition(torch.zeros(1, 3, H, W), [PROMPT], FRAMES, H, W, reference_images=[[as_float(r) for r in references[::-1]]])
+        # Other subject images, same noise: another video.
+        swapped = model.prepare_condition(torch.zeros(1, 3, H, W), [PROMPT], FRAMES, H, W, subject_images=[[as_float(r) for r in subjects[::-1]]])
         other = sample(model, swapped, 4, guidance_scale=1.0, noise=noise).latents
     assert video.shape == (1, FRAMES, 3, H, W)
     assert torch.allclose(video, (by_hand / 2 + 0.5).clamp(0, 1).transpose(1, 2), atol=1e-6)
@@ -120,16 +120,16 @@ def test_references_condition_the_video_and_are_dropped(phantom, references):
     rollout = sde_sample(model, cond, 3, eta=0.7, seed=5, guidance_scale=1.0)
     assert rollout.log_probs.shape == (1, 3) and torch.isfinite(rollout.log_probs).all()
 
-    with pytest.raises(IproError, match="num_reference_images=2"):
-        model.prepare_condition(torch.zeros(1, 3, H, W), [PROMPT], FRAMES, H, W, reference_images=[[as_float(references[0])]])
-    with pytest.raises(IproError, match="Phantom takes 1 to 4 reference images"):
-        load_model(phantom, num_reference_images=5)
+    with pytest.raises(IproError, match="num_subject_images=2"):
+        model.prepare_condition(torch.zeros(1, 3, H, W), [PROMPT], FRAMES, H, W, subject_images=[[as_float(subjects[0])]])
+    with pytest.raises(IproError, match="Phantom takes 1 to 4 subject images"):
+        load_model(phantom, num_subject_images=5)
 
 
-def test_saved_lora_loads_in_diffusers_wan_pipeline(phantom, references, tmp_path):
+def test_saved_lora_loads_in_diffusers_wan_pipeline(phantom, subjects, tmp_path):
     from diffusers import WanPipeline
 
-    model, cond = prepared(phantom, references[:1], finetune="lora", lora_rank=4, lora_alpha=8)
+    model, cond = prepared(phantom, subjects[:1], finetune="lora", lora_rank=4, lora_alpha=8)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.trainable_module.named_parameters():
@@ -144,7 +144,7 @@ def test_saved_lora_loads_in_diffusers_wan_pipeline(phantom, references, tmp_pat
         theirs = pipe.transformer(hidden_states=model.impose_first_frame(x, cond), timestep=torch.tensor([600.0]),
                                   encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
-    again, cond = prepared(phantom, references[:1], lora=file)
+    again, cond = prepared(phantom, subjects[:1], lora=file)
     with torch.no_grad():
         assert torch.allclose(again.velocity(x, torch.tensor(600.0), cond), ours, atol=1e-5)
 
@@ -228,7 +228,7 @@ def test_convert_phantom_checkpoint_equals_the_same_weights_built_in_diffusers(p
         b = direct(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
     assert all(torch.equal(v, direct.state_dict()[k]) for k, v in converted.state_dict().items())
     assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
-    model = load_model(tmp_path / "out", num_reference_images=2)
+    model = load_model(tmp_path / "out", num_subject_images=2)
     assert model.family == "phantom" and model.vae is not None
     assert model.scheduler.config.shift == 5.0 and json.loads(schedule.read_text())["shift"] == 3.0  # Phantom's; base untouched
 
@@ -281,7 +281,7 @@ def trainer_for(method, dataset, out, steps, reward=None):
 @pytest.mark.parametrize("method", ["grpo", "ipro"])
 def test_tiny_phantom_trains_and_resumes_exactly(method, dataset, tmp_path):
     straight = trainer_for(method, dataset, tmp_path / "a", 2, Brightness())
-    assert straight.model.family == "phantom" and straight.model.num_reference_images == 2
+    assert straight.model.family == "phantom" and straight.model.num_subject_images == 2
     before = {k: p.detach().clone() for k, p in straight.named_params.items()}
     straight.train()
     after = {k: p.detach() for k, p in straight.named_params.items()}
@@ -304,9 +304,9 @@ def test_face_reward_runs_on_phantom_rollouts(dataset, tmp_path):
     model draws no faces, so a step is a logged no-op, not a crash."""
     trainer = trainer_for("grpo", dataset, tmp_path, 1)
     batch = trainer.batch_at(0, 0)
-    assert batch["references"].shape[:2] == (1, 2)
+    assert batch["subjects"].shape[:2] == (1, 2)
     rollout = trainer.rollout(batch, torch.Generator().manual_seed(0))
-    assert rollout.sde.latents.shape[2] == 3 + 2  # the video's latent frames, then the 2 references
+    assert rollout.sde.latents.shape[2] == 3 + 2  # the video's latent frames, then the 2 subjects
     assert rollout.logs["reward/face/no_face_batch"] == 1.0
     # IPRO decodes only the frames the face reward scores, through Phantom's decode.
     logs = trainer_for("ipro", dataset, tmp_path / "ipro", 1).step()
@@ -343,7 +343,7 @@ def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphon
     result = CliRunner().invoke(app, ["generate", *common, "--out", str(tmp_path / "none")])
     assert isinstance(result.exception, IproError) and "--reference" in str(result.exception)
 
-    # `ipro eval`: the references, side by side, are the video's input image (its people).
+    # `ipro eval`: the subject images, side by side, are the video's input image (its people).
     from ipro.eval.inputs import find_items
 
     items, unmatched = find_items(tmp_path / "issue", tmp_path)
@@ -354,7 +354,7 @@ def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphon
     assert result.exit_code == 0, result.output + repr(result.exception)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     (video_metrics,) = metrics["videos"]
-    assert video_metrics["name"] == "a+b" and video_metrics["details"]["people_in_input"] == 2  # one per reference
+    assert video_metrics["name"] == "a+b" and video_metrics["details"]["people_in_input"] == 2  # one per subject image
 
 
 @pytest.mark.slow

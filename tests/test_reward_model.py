@@ -44,8 +44,8 @@ def test_pairs_are_balanced_and_split_without_leakage(pairs_dir):
     train, held = load_pairs(pairs_dir / "train.jsonl"), load_pairs(pairs_dir / "heldout.jsonl")
     assert summary["clips"] == 7 and len(summary["heldout_groups"]) == 2
     assert not {p.group for p in train} & {p.group for p in held}  # no clip on both sides
-    # no video or reference on both sides either
-    files = lambda ps: {f for p in ps for f in (p.video_a, p.video_b, *p.references)}
+    # no video or subject image on both sides either
+    files = lambda ps: {f for p in ps for f in (p.video_a, p.video_b, *p.subjects)}
     assert not files(train) & files(held)
     held_donors = set(summary["heldout_donors"])
     assert held_donors and len(held_donors) < summary["donors"]
@@ -77,7 +77,7 @@ def test_learned_reward_scores_the_original_above_its_swap(model, pairs_dir):
     pair = next(p for p in load_pairs(pairs_dir / "heldout.jsonl") if p.kind == "swap")
     better, worse = (pair.video_a, pair.video_b) if pair.label == "a" else (pair.video_b, pair.video_a)
     frames = torch.stack([to_tensor(read_video(v)[0]) for v in (better, worse)]).requires_grad_(True)
-    image = to_tensor(read_image(pair.references[0]))[None].expand(2, -1, -1, -1)
+    image = to_tensor(read_image(pair.subjects[0]))[None].expand(2, -1, -1, -1)
     reward = LearnedIdentityReward(model)
     out = reward(frames, RewardBatch(input_frames=image))
     assert out.score[0] > out.score[1] and out.valid.all()
@@ -92,7 +92,7 @@ def test_save_and_load_give_the_same_scores(model, tmp_path, pairs_dir, extracto
     model.save(tmp_path / "rm")
     loaded = IdentityRewardModel.load(tmp_path / "rm")
     pair = load_pairs(pairs_dir / "heldout.jsonl")[0]
-    feats = torch.stack([extractor.file_features(v, pair.references) for v in (pair.video_a, pair.video_b)])
+    feats = torch.stack([extractor.file_features(v, pair.subjects) for v in (pair.video_a, pair.video_b)])
     with torch.no_grad():
         assert torch.equal(model(feats), loaded(feats))
     assert loaded.normalization == model.normalization and loaded.num_frames == 8
@@ -116,20 +116,20 @@ def test_rao_kupper_probabilities_and_loss():
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"video_a": "a.mp4", "video_b": "b.mp4", "reference": "r.png", "label": "a"', "not valid JSON"),
+        ('{"video_a": "a.mp4", "video_b": "b.mp4", "subject": "r.png", "label": "a"', "not valid JSON"),
         ('["a.mp4", "b.mp4"]', "expected a JSON object"),
-        ('{"video_a": "a.mp4", "video_b": "b.mp4", "label": "a"}', "missing key 'reference'"),
-        ('{"video_a": "a.mp4", "video_b": "b.mp4", "reference": "r.png", "label": "A"}', "label must be"),
-        ('{"video_a": "a.mp4", "video_b": "nope.mp4", "reference": "r.png", "label": "tie"}', "video_b file not found"),
-        ('{"video_a": "a.mp4", "video_b": "a.mp4", "reference": "r.png", "label": "b"}', "the same file"),
-        ('{"video_a": "a.mp4", "video_b": "b.mp4", "reference": [], "label": "b"}', "empty list"),
-        ('{"video_a": "a.mp4", "video_b": "b.mp4", "reference": "r.png", "label": "b", "weight": -1}', "weight must be"),
+        ('{"video_a": "a.mp4", "video_b": "b.mp4", "label": "a"}', "missing key 'subject'"),
+        ('{"video_a": "a.mp4", "video_b": "b.mp4", "subject": "r.png", "label": "A"}', "label must be"),
+        ('{"video_a": "a.mp4", "video_b": "nope.mp4", "subject": "r.png", "label": "tie"}', "video_b file not found"),
+        ('{"video_a": "a.mp4", "video_b": "a.mp4", "subject": "r.png", "label": "b"}', "the same file"),
+        ('{"video_a": "a.mp4", "video_b": "b.mp4", "subject": [], "label": "b"}', "empty list"),
+        ('{"video_a": "a.mp4", "video_b": "b.mp4", "subject": "r.png", "label": "b", "weight": -1}', "weight must be"),
     ],
 )
 def test_bad_annotation_file_names_the_file_and_line(tmp_path, line, message):
     for name in ("a.mp4", "b.mp4", "r.png"):
         (tmp_path / name).write_bytes(b"x")
-    good = '{"video_a": "a.mp4", "video_b": "b.mp4", "reference": "r.png", "label": "a"}'
+    good = '{"video_a": "a.mp4", "video_b": "b.mp4", "subject": "r.png", "label": "a"}'
     path = tmp_path / "ann.jsonl"
     path.write_text(f"{good}\n\n{line}\n")
     with pytest.raises(IproError) as err:
@@ -142,10 +142,13 @@ def test_good_annotation_file_loads(tmp_path):
     for name in ("a.mp4", "b.mp4", "r1.png", "r2.png"):
         (tmp_path / name).write_bytes(b"x")
     path = tmp_path / "ann.jsonl"
-    path.write_text('{"video_a": "a.mp4", "video_b": "b.mp4", "reference": ["r1.png", "r2.png"], "label": "tie", "annotator": 7}\n')
-    (pair,) = load_pairs(path)
+    # The second line uses the key's name before the rename ("reference"): read the same.
+    path.write_text('{"video_a": "a.mp4", "video_b": "b.mp4", "subject": ["r1.png", "r2.png"], "label": "tie", "annotator": 7}\n'
+                    '{"video_a": "a.mp4", "video_b": "b.mp4", "reference": ["r1.png", "r2.png"], "label": "tie"}\n')
+    pair, old = load_pairs(path)
     assert pair.label == "tie" and pair.target == 0.5 and pair.kind == "human"
-    assert pair.video_a == tmp_path / "a.mp4" and len(pair.references) == 2
+    assert pair.video_a == tmp_path / "a.mp4" and pair.subjects == old.subjects == (tmp_path / "r1.png", tmp_path / "r2.png")
+    assert "subject" in pair.to_json(tmp_path) and "reference" not in pair.to_json(tmp_path)
     with pytest.raises(IproError, match="pairs file not found"):
         load_pairs(tmp_path / "missing.jsonl")
 
@@ -165,7 +168,7 @@ def test_cli_bad_annotation_is_one_line_exit_2(tmp_path):
     path.write_text('{"video_a": 1}\n')
     res = subprocess.run(_cli("train", "--pairs", str(path), "--out", str(tmp_path / "rm")), capture_output=True, text=True)
     assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().splitlines() == [f"error: {path}:1: missing key 'video_b'; a pair needs video_a, video_b, reference and label"]
+    assert res.stderr.strip().splitlines() == [f"error: {path}:1: missing key 'video_b'; a pair needs video_a, video_b, subject and label"]
 
 
 def test_duplicate_person_in_a_two_person_clip(tmp_path, carphone, astronaut):
@@ -181,7 +184,7 @@ def test_duplicate_person_in_a_two_person_clip(tmp_path, carphone, astronaut):
     extractor = FaceFeatureExtractor(num_frames=8)
     p = pairs[0]
     original, dup = (p.video_a, p.video_b) if p.label == "a" else (p.video_b, p.video_a)
-    f_orig, f_dup = (extractor.file_features(v, p.references) for v in (original, dup))
+    f_orig, f_dup = (extractor.file_features(v, p.subjects) for v in (original, dup))
     own, dup_cos = FEATURES.index("own_cos"), FEATURES.index("dup_cos")
     # Measured (frames after the onset): own_cos 0.99 -> 0.95, the two faces' cosine 0.84 -> 0.88-0.93.
     assert f_dup[-1, dup_cos] > f_orig[-1, dup_cos] + 0.02
@@ -240,7 +243,7 @@ def test_cli_pairs_train_eval_score(tmp_path, pairs_dir):
     assert json.loads(out.stdout)["decisive"] > 0
     clip = next((tmp_path / "pairs" / "videos").iterdir())
     videos = [str(clip / "original.mp4"), str(clip / "swap0.mp4")]
-    out = subprocess.run(_cli("score", str(rm), "-r", str(tmp_path / "pairs" / "references" / f"{clip.name}.png"), *videos, "--json"),
+    out = subprocess.run(_cli("score", str(rm), "-s", str(tmp_path / "pairs" / "subjects" / f"{clip.name}.png"), *videos, "--json"),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     scores = [json.loads(line)["score"] for line in out.stdout.splitlines()]

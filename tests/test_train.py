@@ -215,7 +215,7 @@ def test_every_training_preset_validates(preset):
     if family is not None and family in FAMILIES:
         FAMILIES[family].check_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)  # raises IproError if not
     if preset.startswith(("wan-vace", "phantom")):
-        assert cfg.model.reference_images > 0
+        assert cfg.model.subject_images > 0
     if not preset.startswith("tiny"):  # GPU presets train in bf16 on a local checkpoint
         assert cfg.model.dtype == "bfloat16" and not cfg.model.path.startswith("tiny:")
 

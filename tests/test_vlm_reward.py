@@ -60,21 +60,21 @@ def test_saved_model_loads_back_with_the_same_scores(trained, pairs_dir):
     again = load_reward_model(folder)
     assert isinstance(again, VlmRewardModel) and again.normalization == model.normalization
     p = train[0]
-    assert again.score_files([p.video_a, p.video_b], p.references) == pytest.approx(model.score_files([p.video_a, p.video_b], p.references), abs=1e-5)
+    assert again.score_files([p.video_a, p.video_b], p.subjects) == pytest.approx(model.score_files([p.video_a, p.video_b], p.subjects), abs=1e-5)
 
 
 def test_a_batch_scores_as_each_video_alone(trained, carphone, astronaut):
-    """Videos with different numbers of references are left-padded into one batch;
+    """Videos with different numbers of subject images are left-padded into one batch;
     each must score as it does alone."""
     model = trained[0]
     frames = to_tensor(carphone[:9])[None].repeat(2, 1, 1, 1, 1)
     frames[1, 4:] = frames[1, 4:].flip(-1)
-    refs = [frames[0, :1], torch.stack([frames[1, 0], to_tensor(astronaut)[:, :144, :176]])]
+    subj = [frames[0, :1], torch.stack([frames[1, 0], to_tensor(astronaut)[:, :144, :176]])]
     with torch.no_grad():
-        batch = model(refs, frames)
-        alone = torch.cat([model(refs[i : i + 1], frames[i : i + 1]) for i in range(2)])
+        batch = model(subj, frames)
+        alone = torch.cat([model(subj[i : i + 1], frames[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(batch, alone, atol=1e-4, rtol=0)
-    out = VlmIdentityReward(model)(frames, {"references": refs})
+    out = VlmIdentityReward(model)(frames, {"subjects": subj})
     torch.testing.assert_close(out.raw, batch, atol=1e-5, rtol=0)
     assert out.valid.all()
 
@@ -110,7 +110,7 @@ def test_cli_trains_and_scores_with_the_vlm_backbone(tiny_vlm, pairs_dir, tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     assert "eval: accuracy" in out.stdout and (rm / "adapter" / "adapter_model.safetensors").is_file()
     first = json.loads(rows[0])
-    out = subprocess.run([ipro, "reward-model", "score", str(rm), first["video_a"], "--reference", first["reference"], "--json"],
+    out = subprocess.run([ipro, "reward-model", "score", str(rm), first["video_a"], "--subject", first["subject"], "--json"],
                          capture_output=True, text=True, cwd=pairs_dir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert np.isfinite(json.loads(out.stdout)["score"])

@@ -47,6 +47,6 @@ def validate(model: type[Model], data: dict, source: str, keys_hint: str) -> Mod
         if e["type"] == "missing":
             raise IproError(f"{source}: missing required key '{key}'") from None
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "value_error" and (not e["loc"] or e["loc"][-1] not in getattr(model, "model_fields", {})):
-            raise IproError(f"{source}: {msg}") from None  # a cross-field rule; its message names the keys
+        if e["type"] == "value_error" and (not e["loc"] or e["loc"][-1] not in getattr(model, "model_fields", {}) or msg.startswith(f"{key}.")):
+            raise IproError(f"{source}: {msg}") from None  # a cross-field rule or a section's check; its message names the keys
         raise IproError(f"{source}: key '{key}': {msg} (got {e.get('input')!r})") from None

@@ -3,7 +3,7 @@
     ipro reward-model pairs runs/data --out runs/pairs            # synthetic preference pairs
     ipro reward-model train --pairs runs/pairs/train.jsonl --eval runs/pairs/heldout.jsonl --out runs/rm
     ipro reward-model eval runs/rm --pairs runs/pairs/heldout.jsonl
-    ipro reward-model score runs/rm -r face.png video1.mp4 video2.mp4
+    ipro reward-model score runs/rm -s face.png video1.mp4 video2.mp4
 
 Then train a video model against it: `ipro train --method grpo --set grpo.reward_model=runs/rm`.
 """
@@ -46,7 +46,7 @@ def _bar(description: str):
 @reward_model_app.command("pairs")
 def pairs_command(
     prepared: list[Path] = typer.Argument(..., help="Folder(s) written by `ipro prepare` (their kept clips and face pools)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: videos/, references/, train.jsonl, heldout.jsonl, summary.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: videos/, subjects/, train.jsonl, heldout.jsonl, summary.json."),
     kinds: str = typer.Option("swap,blend,warp,flicker,duplicate", help="Distortions, comma-separated."),
     variants: int = typer.Option(4, min=1, help="Pairs per clip and distortion."),
     ties: int = typer.Option(1, min=0, help="Tie pairs (clip vs a photometric variant) per clip."),
@@ -89,7 +89,7 @@ def train_command(
     backbone: str = typer.Option("faces", help="'faces' (frozen face recognizer + temporal head, CPU) or 'vlm' (needs --vlm)."),
     vlm: Path | None = typer.Option(None, help="Local transformers folder of a VLM (e.g. Qwen2.5-VL-3B-Instruct) for --backbone vlm."),
     vlm_lora_rank: int = typer.Option(16, min=0, help="LoRA rank on the VLM's language attention (0: train the value head only)."),
-    vlm_image_size: int = typer.Option(224, min=28, help="Side each frame and reference is resized to for the VLM (a multiple of 28 for Qwen)."),
+    vlm_image_size: int = typer.Option(224, min=28, help="Side each frame and subject image is resized to for the VLM (a multiple of 28 for Qwen)."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Train on preference pairs with a Bradley-Terry loss that allows ties (Rao-Kupper)."""
@@ -170,17 +170,17 @@ def eval_command(
 def score_command(
     model: Path = typer.Argument(..., help="A folder written by `ipro reward-model train`."),
     videos: list[Path] = typer.Argument(..., help="Video files to score."),
-    reference: list[Path] = typer.Option(..., "--reference", "-r", help="Reference image(s) of the people (repeatable)."),
+    subject: list[Path] = typer.Option(..., "--subject", "-s", help="Subject image(s): photos of the people to keep (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines."),
     device: str = typer.Option("cpu"),
 ) -> None:
-    """Identity-consistency score of each video against the reference image(s); higher is better.
+    """Identity-consistency score of each video against the subject image(s); higher is better.
 
     `score` is normalized by the training videos' scores (0 = their average)."""
     from ipro.rewards.learned import load_reward_model, score_files
 
     rm = load_reward_model(model, device=device)
-    for video, raw in zip(videos, score_files(rm, videos, reference)):
+    for video, raw in zip(videos, score_files(rm, videos, subject)):
         score = rm.normalization(raw)
         if as_json:
             typer.echo(json.dumps({"video": str(video), "score": round(score, 4), "raw": round(raw, 4)}))

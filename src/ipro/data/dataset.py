@@ -34,16 +34,16 @@ class CuratedDataset(torch.utils.data.Dataset):
         size: (H, W) to resize images and clips to (None: as prepared). Face pool boxes
             and landmarks stay in prepared-clip pixels; only embeddings matter to rewards.
 
-        references: per item, this many reference images of the people (see
-            `reference_crops`), for reference-to-video models (Wan VACE).
+        subjects: per item, this many subject images of the people (see
+            `subject_crops`), for subject-to-video models (Wan VACE, Phantom).
 
     Items are dicts: id, image (3, H, W) float in [0, 1], caption, pool (FacePool),
-    clip (F, 3, H, W) when load_clip, and references (R, 3, S, S) when references > 0
+    clip (F, 3, H, W) when load_clip, and subjects (R, 3, S, S) when subjects > 0
     (S: the smaller side of `size`).
     """
 
     def __init__(self, out_dir: str | Path, load_clip: bool = False, frames: int | None = None,
-                 size: tuple[int, int] | None = None, references: int = 0) -> None:
+                 size: tuple[int, int] | None = None, subjects: int = 0) -> None:
         import pyarrow.parquet as pq
 
         self.out_dir = Path(out_dir)
@@ -57,7 +57,7 @@ class CuratedDataset(torch.utils.data.Dataset):
             short = [r["id"] for r in self.rows if r["num_frames"] < frames]
             if short:
                 raise IproError(f"{manifest}: {len(short)} clips (e.g. {short[0]}) have fewer than frames={frames} frames; ask for fewer")
-        self.load_clip, self.frames, self.size, self.references = load_clip, frames, size, references
+        self.load_clip, self.frames, self.size, self.subjects = load_clip, frames, size, subjects
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -66,9 +66,9 @@ class CuratedDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         image = to_tensor(read_image(self.out_dir / row["first_frame"]))
         item = {"id": row["id"], "image": _resize(image, self.size), "caption": row["caption"], "pool": load_pool(self.out_dir / row["pool"])}
-        if self.references:
+        if self.subjects:
             side = min(self.size) if self.size else min(image.shape[-2:])
-            item["references"] = reference_crops(image, item["pool"], self.references, side)
+            item["subjects"] = subject_crops(image, item["pool"], self.subjects, side)
         if self.load_clip:
             clip, _ = read_video(self.out_dir / row["clip"], max_frames=self.frames)
             item["clip"] = _resize(to_tensor(clip), self.size)
@@ -83,18 +83,18 @@ def collate(batch: list[dict]) -> dict:
         "caption": [b["caption"] for b in batch],
         "pool": [b["pool"] for b in batch],
     }
-    for key in ("clip", "references"):
+    for key in ("clip", "subjects"):
         if batch and key in batch[0]:
             out[key] = torch.stack([b[key] for b in batch])
     return out
 
 
-def reference_crops(image: torch.Tensor, pool: FacePool, count: int, side: int, margin: float = 1.8) -> torch.Tensor:
-    """`count` reference images (count, 3, side, side) of the people in a first frame
-    (3, H, W), as a user would give a reference-to-video model: person p's face on
+def subject_crops(image: torch.Tensor, pool: FacePool, count: int, side: int, margin: float = 1.8) -> torch.Tensor:
+    """`count` subject images (count, 3, side, side) of the people in a first frame
+    (3, H, W), as a user would give a subject-to-video model: person p's face on
     frame 0, a square `margin` times the box's longer side (moved inside the image),
     in person order. Where the frame shows fewer people, the whole frame (squashed to a
-    square) fills the remaining slots, so every item has the same number of references.
+    square) fills the remaining slots, so every item has the same number of subject images.
     """
     h, w = image.shape[-2:]
     crops = []
@@ -114,4 +114,4 @@ def reference_crops(image: torch.Tensor, pool: FacePool, count: int, side: int, 
     return torch.stack(crops)
 
 
-__all__ = ["CuratedDataset", "FacePool", "collate", "reference_crops"]
+__all__ = ["CuratedDataset", "FacePool", "collate", "subject_crops"]

@@ -1,14 +1,15 @@
 """Preference pairs for the identity reward model: which of two videos keeps the people
-of the reference image(s) more consistent.
+of the subject image(s) more consistent.
 
 One JSONL line per pair, the same format for human annotations and synthetic pairs:
 
-    {"video_a": "a.mp4", "video_b": "b.mp4", "reference": "ref.png", "label": "a"}
+    {"video_a": "a.mp4", "video_b": "b.mp4", "subject": "alice.png", "label": "a"}
 
-- reference: one image path, or a list of them (e.g. one photo per person).
+- subject: one image path of the people to keep, or a list of them (e.g. one photo per
+  person). Files written before the rename use the key "reference"; it is read the same.
 - label: "a" (video_a keeps the people better), "b", or "tie".
 - optional: "group" (pairs of one group never straddle a train/held-out split; default:
-  the reference), "kind" (what differs, for accuracy per kind), "weight" (loss weight).
+  the subject images), "kind" (what differs, for accuracy per kind), "weight" (loss weight).
 Relative paths are relative to the JSONL file's folder; other keys are ignored.
 
 Synthetic pairs are made from clips curated by `ipro prepare`, whose face pools give
@@ -64,7 +65,7 @@ DISTORTIONS = ("swap", "blend", "warp", "flicker", "duplicate")
 class PreferencePair:
     video_a: Path
     video_b: Path
-    references: tuple[Path, ...]
+    subjects: tuple[Path, ...]
     label: str  # "a", "b" or "tie"
     group: str = ""
     kind: str = "human"
@@ -82,10 +83,10 @@ class PreferencePair:
             except ValueError:
                 return str(Path(p).resolve())
 
-        refs = [rel(r) for r in self.references]
+        subjects = [rel(s) for s in self.subjects]
         return {
             "video_a": rel(self.video_a), "video_b": rel(self.video_b),
-            "reference": refs[0] if len(refs) == 1 else refs, "label": self.label,
+            "subject": subjects[0] if len(subjects) == 1 else subjects, "label": self.label,
             "group": self.group, "kind": self.kind, **({"weight": self.weight} if self.weight != 1.0 else {}),
         }
 
@@ -102,7 +103,7 @@ def load_pairs(path: str | Path, check_files: bool = True) -> list[PreferencePai
             if line.strip():
                 pairs.append(_parse_pair(line, f"{path}:{n}", root, check_files))
     if not pairs:
-        raise IproError(f"{path}: no pairs; each line must be a JSON object with video_a, video_b, reference, label")
+        raise IproError(f"{path}: no pairs; each line must be a JSON object with video_a, video_b, subject, label")
     return pairs
 
 
@@ -112,10 +113,12 @@ def _parse_pair(line: str, where: str, root: Path, check_files: bool) -> Prefere
     except json.JSONDecodeError as e:
         raise IproError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
     if not isinstance(row, dict):
-        raise IproError(f"{where}: expected a JSON object with video_a, video_b, reference, label; got {type(row).__name__}")
-    missing = [k for k in ("video_a", "video_b", "reference", "label") if k not in row]
+        raise IproError(f"{where}: expected a JSON object with video_a, video_b, subject, label; got {type(row).__name__}")
+    if "subject" not in row and "reference" in row:  # the key's name before the rename
+        row["subject"] = row.pop("reference")
+    missing = [k for k in ("video_a", "video_b", "subject", "label") if k not in row]
     if missing:
-        raise IproError(f"{where}: missing key '{missing[0]}'; a pair needs video_a, video_b, reference and label")
+        raise IproError(f"{where}: missing key '{missing[0]}'; a pair needs video_a, video_b, subject and label")
     label = row["label"]
     if label not in LABELS:
         raise IproError(f"{where}: label must be \"a\", \"b\" or \"tie\", got {label!r}")
@@ -129,18 +132,18 @@ def _parse_pair(line: str, where: str, root: Path, check_files: bool) -> Prefere
             raise IproError(f"{where}: {key} file not found: {p}")
         return p
 
-    refs = row["reference"] if isinstance(row["reference"], list) else [row["reference"]]
-    if not refs:
-        raise IproError(f"{where}: reference is an empty list; give at least one image")
-    references = tuple(file("reference", r) for r in refs)
+    listed = row["subject"] if isinstance(row["subject"], list) else [row["subject"]]
+    if not listed:
+        raise IproError(f"{where}: subject is an empty list; give at least one image")
+    subjects = tuple(file("subject", s) for s in listed)
     a, b = file("video_a", row["video_a"]), file("video_b", row["video_b"])
     if a.resolve() == b.resolve():
         raise IproError(f"{where}: video_a and video_b are the same file ({a}); a pair compares two videos")
     weight = row.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
         raise IproError(f"{where}: weight must be a positive number, got {weight!r}")
-    group = row.get("group") or "|".join(str(r) for r in references)
-    return PreferencePair(a, b, references, label, str(group), str(row.get("kind", "human")), float(weight))
+    group = row.get("group") or "|".join(str(s) for s in subjects)
+    return PreferencePair(a, b, subjects, label, str(group), str(row.get("kind", "human")), float(weight))
 
 
 def save_pairs(path: str | Path, pairs: list[PreferencePair]) -> None:
@@ -177,7 +180,7 @@ class CuratedClip:
     source: str
     frames: np.ndarray  # (F, H, W, 3) uint8
     fps: float
-    reference: Path  # the first frame as written by `ipro prepare`
+    first_frame: Path  # as written by `ipro prepare`
     landmarks: np.ndarray  # (P, F, 5, 2): each person's landmarks, gaps interpolated
     notes: list[str] = field(default_factory=list)
 
@@ -279,14 +282,14 @@ def make_synthetic_pairs(
     held_donors = {d.name for d in _pick(donors, heldout_fraction, seed + 1)}
     rng = np.random.default_rng(seed)
     splits: dict[str, list[PreferencePair]] = {"train": [], "heldout": []}
-    refs_dir, vid_dir = out_dir / "references", out_dir / "videos"
+    subjects_dir, vid_dir = out_dir / "subjects", out_dir / "videos"
 
     for ci, clip in enumerate(clips):
         group = clip.id if split_by == "clip" else clip.source
         split = "heldout" if group in held_groups else "train"
         pool = [d for d in donors if (d.name in held_donors) == (split == "heldout")]
-        ref = refs_dir / f"{clip.id}.png"
-        write_image(ref, clip.frames[0])
+        subject = subjects_dir / f"{clip.id}.png"
+        write_image(subject, clip.frames[0])
         videos, pairs = clip_distortions(clip, kinds, variants, ties, pool, rng)
         paths = {}
         for name, frames in videos.items():
@@ -294,7 +297,7 @@ def make_synthetic_pairs(
             write_video(paths[name], frames, fps=clip.fps)
         for better, other, kind in pairs:
             label = "tie" if kind == "tie" else "a"
-            splits[split].append(PreferencePair(paths[better], paths[other], (ref,), label, group, kind))
+            splits[split].append(PreferencePair(paths[better], paths[other], (subject,), label, group, kind))
         if progress:
             progress(ci + 1, len(clips), clip.id)
 
@@ -357,6 +360,6 @@ def _balance(pairs: list[PreferencePair], rng: np.random.Generator) -> list[Pref
     out = []
     for i, p in enumerate(pairs):
         if i in flip:
-            p = PreferencePair(p.video_b, p.video_a, p.references, "b", p.group, p.kind, p.weight)
+            p = PreferencePair(p.video_b, p.video_a, p.subjects, "b", p.group, p.kind, p.weight)
         out.append(p)
     return out

@@ -20,7 +20,7 @@ from ipro.errors import IproError
 
 @dataclass
 class EvalItem:
-    """One generated video and its references. `image` is a path or an array."""
+    """One generated video and its input image (and ground truth). `image` is a path or an array."""
 
     name: str
     video: Path
@@ -88,8 +88,8 @@ def find_inputs(inputs: str | Path) -> dict[str, EvalItem]:
 
 
 def subject_montage(paths: list[Path], height: int = 256) -> np.ndarray:
-    """Reference images side by side at one height, on white: the input image of a video made
-    from references alone (Phantom), so that each reference's face is one person to keep."""
+    """Subject images side by side at one height, on white: the input image of a video made
+    from subject images alone (Phantom), so that each subject image's face is one person to keep."""
     from PIL import Image
 
     tiles = [Image.fromarray(read_image(p)) for p in paths]
@@ -104,8 +104,8 @@ def subject_montage(paths: list[Path], height: int = 256) -> np.ndarray:
 
 
 def _subject_only_items(generated: dict[str, Path]) -> dict[str, EvalItem]:
-    """Videos whose `ipro generate` settings have references and no first frame (Phantom):
-    their references, side by side, are their input image."""
+    """Videos whose `ipro generate` settings have subject images and no first frame (Phantom):
+    their subject images, side by side, are their input image."""
     import json
 
     items = {}
@@ -115,18 +115,18 @@ def _subject_only_items(generated: dict[str, Path]) -> dict[str, EvalItem]:
             settings = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        refs = [Path(p) for p in settings.get("references") or []]
-        if settings.get("image") is None and refs:
-            for p in refs:
+        subjects = [Path(p) for p in settings.get("subjects") or settings.get("references") or []]  # "references" before the rename
+        if settings.get("image") is None and subjects:
+            for p in subjects:
                 if not p.is_file():
-                    raise IproError(f"{sidecar}: reference image {p} is missing; restore it or regenerate the video")
-            items[name] = EvalItem(name, video, subject_montage(refs), caption=settings.get("prompt") or None)
+                    raise IproError(f"{sidecar}: subject image {p} is missing; restore it or regenerate the video")
+            items[name] = EvalItem(name, video, subject_montage(subjects), caption=settings.get("prompt") or None)
     return items
 
 
 def find_items(videos: str | Path, inputs: str | Path) -> tuple[list[EvalItem], list[str]]:
     """Matched items (sorted by name) and the names of generated videos with no input.
-    A video made from reference images alone (Phantom) with no input of its name is its own
+    A video made from subject images alone (Phantom) with no input of its name is its own
     input (see `_subject_only_items`)."""
     videos = Path(videos).expanduser()
     if not videos.is_dir():

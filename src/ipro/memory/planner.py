@@ -197,8 +197,8 @@ class Planner:
                 model.encode_clip = lambda images: torch.zeros(images.shape[0], tokens, c.hidden_size, dtype=model.dtype, device=images.device)
         images = torch.zeros(batch, 3, d.height, d.width, device=self.device)
         extra = {}
-        if getattr(model, "num_reference_images", 0):
-            extra["reference_images"] = torch.zeros(batch, model.num_reference_images, 3, d.height, d.width, device=self.device)
+        if getattr(model, "num_subject_images", 0):
+            extra["subject_images"] = torch.zeros(batch, model.num_subject_images, 3, d.height, d.width, device=self.device)
         negative = "" if cfg.sampler.guidance_scale > 1 else None
         return model.prepare_condition(images, [d.default_prompt] * batch, d.num_frames, d.height, d.width, negative_prompt=negative, **extra)
 
@@ -418,7 +418,7 @@ def plan_config(cfg, arch: str | None = None, cache_dir: str | Path = CACHE_DIR,
     if use_cache and file.is_file():
         return Plan(**json.loads(file.read_text()))
     m = cfg.model
-    build = json.dumps([m.path, m.family, m.dtype, m.lora_rank, m.lora_alpha, m.lora_targets, m.reference_images, arch])
+    build = json.dumps([m.path, m.family, m.dtype, m.lora_rank, m.lora_alpha, m.lora_targets, m.subject_images, arch])
     if build not in _PLANNERS:
         _PLANNERS[build] = Planner(cfg, arch, cache_dir)
     plan = _PLANNERS[build].plan(cfg)

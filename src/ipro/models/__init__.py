@@ -11,12 +11,12 @@ A new family is one module with a `@register_family` subclass of `VideoModel`, i
 from ipro.models.base import Condition, VideoModel
 from ipro.models.loading import load_model, resolve_model_path  # imports (and so registers) every family
 from ipro.models.registry import FAMILIES, detect_family, register_family
-from ipro.models.tiny import TINY_FAMILIES, TINY_REFERENCE_FAMILIES, build_tiny
+from ipro.models.tiny import TINY_FAMILIES, TINY_SUBJECT_FAMILIES, build_tiny
 
 __all__ = [
     "FAMILIES",
     "TINY_FAMILIES",
-    "TINY_REFERENCE_FAMILIES",
+    "TINY_SUBJECT_FAMILIES",
     "Condition",
     "VideoModel",
     "build_tiny",

@@ -30,7 +30,7 @@ class Condition:
 
     Tensor fields have the batch first. Which optional fields are set depends on the family
     (Wan 2.1 uses CLIP `image_embeds`; Wan 2.2 TI2V uses `first_frame_mask`; VACE uses
-    `control_latents` and `num_reference_frames`).
+    `control_latents` and `num_subject_frames`).
     """
 
     prompt_embeds: torch.Tensor  # (B, L, D) text encoder output
@@ -41,8 +41,8 @@ class Condition:
     image_latents: torch.Tensor | None = None  # family-specific latent-space image conditioning
     image_embeds: torch.Tensor | None = None  # (B, N, D_img) image encoder tokens
     first_frame_mask: torch.Tensor | None = None  # (1, 1, F, h, w): 0 where the image latent is imposed
-    control_latents: torch.Tensor | None = None  # (B, C_ctrl, R + F, h, w) VACE control video + reference latents
-    num_reference_frames: int | None = None  # R leading latent frames that hold reference images (VACE)
+    control_latents: torch.Tensor | None = None  # (B, C_ctrl, R + F, h, w) VACE control video + subject latents
+    num_subject_frames: int | None = None  # R leading latent frames that hold subject images (VACE)
 
     @property
     def batch_size(self) -> int:
@@ -101,10 +101,10 @@ class VideoModel:
     default_num_frames: int = 81
     default_area: int = 480 * 832
 
-    # Reference-to-video families (Wan VACE) take reference images of the people besides
+    # Subject-to-video families (Wan VACE, Phantom) take subject images of the people besides
     # the first frame; how many per video is fixed when the model is loaded.
-    takes_reference_images: bool = False
-    num_reference_images: int = 0
+    takes_subject_images: bool = False
+    num_subject_images: int = 0
 
     device: torch.device = torch.device("cpu")
     scheduler = None  # a diffusers scheduler; samplers read its sigmas and timesteps
@@ -174,7 +174,7 @@ class VideoModel:
     ) -> Condition:
         """Encode first frames (B, 3, H, W) float in [0, 1] and B prompts (text embeddings are cached).
 
-        Families with `takes_reference_images` also take `reference_images=` (B, R, 3, h, w)."""
+        Families with `takes_subject_images` also take `subject_images=` (B, R, 3, h, w)."""
         raise NotImplementedError
 
     def velocity(self, x_t: torch.Tensor, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:

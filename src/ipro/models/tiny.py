@@ -16,8 +16,8 @@ from ipro.models.base import quiet_loading
 
 # The image-to-video presets (what the shared test fixtures build and run through WanImageToVideoPipeline).
 TINY_FAMILIES = ("wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b")
-# Built on request only: reference-to-video presets (VACE, Phantom), driven by WanVACEPipeline / WanPipeline instead.
-TINY_REFERENCE_FAMILIES = ("wan-vace", "phantom")
+# Built on request only: subject-to-video presets (VACE, Phantom), driven by WanVACEPipeline / WanPipeline instead.
+TINY_SUBJECT_FAMILIES = ("wan-vace", "phantom")
 
 
 def _tokenizer():
@@ -86,11 +86,11 @@ def _clip():
 
 
 def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build a random tiny model of `family` (TINY_FAMILIES or TINY_REFERENCE_FAMILIES), save it to out_dir, return out_dir."""
+    """Build a random tiny model of `family` (TINY_FAMILIES or TINY_SUBJECT_FAMILIES), save it to out_dir, return out_dir."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 
-    if family not in TINY_FAMILIES + TINY_REFERENCE_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; use one of {TINY_FAMILIES + TINY_REFERENCE_FAMILIES}")
+    if family not in TINY_FAMILIES + TINY_SUBJECT_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; use one of {TINY_FAMILIES + TINY_SUBJECT_FAMILIES}")
     out_dir = Path(out_dir)
     text_dim = 32
     with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone

@@ -1,4 +1,4 @@
-"""Wan VACE (reference-to-video, the base model of Identity-GRPO) on diffusers' `WanVACEPipeline`.
+"""Wan VACE (subject-to-video, the base model of Identity-GRPO) on diffusers' `WanVACEPipeline`.
 
 VACE is a text-to-video Wan transformer (16 latent channels in) plus a control branch whose
 hints are added to a subset of blocks (`vace_layers`). Everything the video is conditioned on
@@ -8,12 +8,12 @@ goes through `control_hidden_states`, 96 channels per latent frame:
 - mask (64): the pixel mask folded 8x8 onto channels (VAE stride), resampled to latent frames.
 
 Image-to-video is the video "first frame given, the rest gray (0 in the VAE's [-1, 1]), mask 0
-on frame 0 and 1 elsewhere". Reference images (e.g. one face crop per person) are encoded as
+on frame 0 and 1 elsewhere". Subject images (e.g. one face crop per person) are encoded as
 one latent frame each and prepended in time: the noise gets R more leading latent frames, their
-control is (reference latent, zeros, zero mask), the transformer denoises them along with the
+control is (subject latent, zeros, zero mask), the transformer denoises them along with the
 video, and they are dropped before decoding. Nothing is imposed on x_t.
 
-The number of reference images R is a setting of the loaded model (`num_reference_images`),
+The number of subject images R is a setting of the loaded model (`num_subject_images`),
 because the samplers ask the model for the noise shape without the condition.
 """
 
@@ -40,7 +40,7 @@ class WanVACE(WanModel):
     fps = 16.0
     pipeline_class = WanVACEPipeline  # LoRA files in the format WanVACEPipeline.load_lora_weights reads
 
-    takes_reference_images = True
+    takes_subject_images = True
     conditioning_scale: float = 1.0  # weight of the control hints in every VACE layer
 
     @classmethod
@@ -48,28 +48,28 @@ class WanVACE(WanModel):
         return model_index.get("_class_name") == "WanVACEPipeline"
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, num_reference_images: int = 0, conditioning_scale: float = 1.0, **options) -> "WanVACE":
-        """As `WanModel.from_pretrained`; num_reference_images: reference images per video (0: plain I2V)."""
-        if num_reference_images < 0:
-            raise IproError(f"num_reference_images={num_reference_images}: use 0 or more")
+    def from_pretrained(cls, path: str | Path, *, num_subject_images: int = 0, conditioning_scale: float = 1.0, **options) -> "WanVACE":
+        """As `WanModel.from_pretrained`; num_subject_images: subject images per video (0: plain I2V)."""
+        if num_subject_images < 0:
+            raise IproError(f"num_subject_images={num_subject_images}: use 0 or more")
         model = super().from_pretrained(path, **options)
-        model.num_reference_images = num_reference_images
+        model.num_subject_images = num_subject_images
         model.conditioning_scale = conditioning_scale
         return model
 
     # --- Shapes --------------------------------------------------------------------------
 
     def latent_shape(self, batch_size: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
-        """The noise shape: the video's latent frames after `num_reference_images` reference frames.
+        """The noise shape: the video's latent frames after `num_subject_images` subject frames.
 
-        Unlike the other families this needs the loaded model (it depends on its reference count).
+        Unlike the other families this needs the loaded model (it depends on its subject count).
         """
         b, c, f, h, w = super().latent_shape(batch_size, num_frames, height, width)
-        return (b, c, self.num_reference_images + f, h, w)
+        return (b, c, self.num_subject_images + f, h, w)
 
     def generated_mask(self, cond: Condition) -> torch.Tensor | None:
-        """0 on the reference frames (denoised but thrown away), 1 on the video; None without references."""
-        r = cond.num_reference_frames or 0
+        """0 on the subject frames (denoised but thrown away), 1 on the video; None without subjects."""
+        r = cond.num_subject_frames or 0
         if r == 0:
             return None
         _, _, f, h, w = cond.control_latents.shape
@@ -98,7 +98,7 @@ class WanVACE(WanModel):
         f = (n - 1) // self.scale_factor_temporal + 1
         return F.interpolate(blocks, size=(f, h, w), mode="nearest-exact")
 
-    def _reference_canvas(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def _subject_canvas(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(3, h, w) in [0, 1] -> (3, H, W) in [-1, 1]: scaled to fit, centred on white (as diffusers does)."""
         image = image.to(self.device, torch.float32)[None] * 2 - 1
         scale = min(height / image.shape[-2], width / image.shape[-1])
@@ -117,29 +117,29 @@ class WanVACE(WanModel):
         height,
         width,
         negative_prompt: str | None = "",
-        reference_images: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        subject_images: Sequence[torch.Tensor] | torch.Tensor | None = None,
     ) -> Condition:
         """First frames (B, 3, H, W) in [0, 1], B prompts and, when the model was loaded with
-        num_reference_images=R, R reference images per video in [0, 1]: B sequences of (3, h, w)
-        images (sizes may differ) or a (B, R, 3, h, w) tensor; one video's references may serve
+        num_subject_images=R, R subject images per video in [0, 1]: B sequences of (3, h, w)
+        images (sizes may differ) or a (B, R, 3, h, w) tensor; one video's subjects may serve
         the whole batch. Each is scaled to fit (H, W) and centred on white.
 
-        With several references, their latent frames come in reverse order, as in WanVACEPipeline.
+        With several subjects, their latent frames come in reverse order, as in WanVACEPipeline.
         """
         self.check_shape(num_frames, height, width)
         b = images.shape[0]
         prompts = batch_prompts(prompts, b)
-        r = self.num_reference_images
-        references = [] if reference_images is None else list(reference_images)
-        if len(references) == 1 and b > 1:
-            references = references * b
-        if references and len(references) != b:
-            raise IproError(f"reference_images: got references for {len(references)} videos, but {b} images")
-        if any(len(refs) != r for refs in references) or (r > 0 and not references):
-            got = sorted({len(refs) for refs in references}) if references else [0]
+        r = self.num_subject_images
+        subjects = [] if subject_images is None else list(subject_images)
+        if len(subjects) == 1 and b > 1:
+            subjects = subjects * b
+        if subjects and len(subjects) != b:
+            raise IproError(f"subject_images: got subject images for {len(subjects)} videos, but {b} images")
+        if any(len(subj) != r for subj in subjects) or (r > 0 and not subjects):
+            got = sorted({len(subj) for subj in subjects}) if subjects else [0]
             raise IproError(
-                f"reference_images: got {'/'.join(map(str, got))} per video, but the model was loaded with "
-                f"num_reference_images={r}; pass that many per video, or load with num_reference_images=<count>"
+                f"subject_images: got {'/'.join(map(str, got))} per video, but the model was loaded with "
+                f"num_subject_images={r}; pass that many per video, or load with num_subject_images=<count>"
             )
 
         images = images.to(self.device, torch.float32)
@@ -155,10 +155,10 @@ class WanVACE(WanModel):
         control = torch.cat([inactive, reactive, self._mask_latents(mask)], dim=1)
 
         if r > 0:
-            # One latent frame per reference: (its latent, zero reactive latent, zero mask).
-            canvases = torch.stack([self._reference_canvas(img, height, width) for refs in references for img in refs])
+            # One latent frame per subject image: (its latent, zero reactive latent, zero mask).
+            canvases = torch.stack([self._subject_canvas(img, height, width) for subj in subjects for img in subj])
             latents = self._encode_pixels(canvases[:, :, None]).unflatten(0, (b, r))  # (B, R, C, 1, h, w)
-            latents = latents.flip(1).squeeze(3).transpose(1, 2)  # (B, C, R, h, w), last reference first
+            latents = latents.flip(1).squeeze(3).transpose(1, 2)  # (B, C, R, h, w), last subject image first
             pad = control.new_zeros(b, control.shape[1] - latents.shape[1], r, *latents.shape[-2:])
             control = torch.cat([torch.cat([latents, pad], dim=1), control], dim=2)
 
@@ -169,7 +169,7 @@ class WanVACE(WanModel):
             height=height,
             width=width,
             control_latents=control.to(self.dtype),
-            num_reference_frames=r,
+            num_subject_frames=r,
         )
 
     # --- Denoising and decoding ----------------------------------------------------------
@@ -180,7 +180,7 @@ class WanVACE(WanModel):
         if x_t.shape[2] != cond.control_latents.shape[2]:
             raise IproError(
                 f"latents have {x_t.shape[2]} frames but the condition {cond.control_latents.shape[2]} "
-                f"({cond.num_reference_frames} reference frames first); draw them with model.latent_shape"
+                f"({cond.num_subject_frames} subject frames first); draw them with model.latent_shape"
             )
         return super().velocity(x_t, t, cond, guidance_scale)
 
@@ -199,5 +199,5 @@ class WanVACE(WanModel):
         return out.float()
 
     def decode(self, latents: torch.Tensor, frames: list[int] | None = None) -> torch.Tensor:
-        """Latents with the reference frames first -> the video alone, (B, num_frames, 3, H, W)."""
-        return super().decode(latents[:, :, self.num_reference_images :], frames)
+        """Latents with the subject frames first -> the video alone, (B, num_frames, 3, H, W)."""
+        return super().decode(latents[:, :, self.num_subject_images :], frames)

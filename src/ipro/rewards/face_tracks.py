@@ -1,4 +1,4 @@
-"""Identity features of a video's faces for the learned reward model: reference people,
+"""Identity features of a video's faces for the learned reward model: subject people,
 per-frame assignment and tracking, and the feature vector of each sampled frame
 (`FEATURES`). Detection and embedding are cached on disk per file."""
 
@@ -17,7 +17,7 @@ from ipro.rewards.preference import sample_frames
 
 FEATURES = (
     "has_face",  # any face in the frame
-    "coverage",  # fraction of the reference people found in the frame
+    "coverage",  # fraction of the subject people found in the frame
     "extra_faces",  # faces beyond the number of people, per person
     "own_cos",  # mean cosine of each face to its track's person
     "own_cos_min",  # the worst face's cosine to its track's person
@@ -46,8 +46,8 @@ class VideoFaceData:
 
 
 
-def reference_people(embeddings: torch.Tensor, image: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(P, D) unit centroids of the people in the reference faces; faces of one image
+def subject_people(embeddings: torch.Tensor, image: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(P, D) unit centroids of the people in the subject images' faces; faces of one image
     are different people, faces of different images that agree are merged."""
     from ipro.faces.identity import cluster_identities
 
@@ -61,7 +61,7 @@ def reference_people(embeddings: torch.Tensor, image: torch.Tensor, threshold: f
 def frame_features(faces: VideoFaceData, people: torch.Tensor) -> torch.Tensor:
     """(N, len(FEATURES)) identity features per sampled frame; NaN where undefined.
 
-    people: (P, D) reference centroids. With P = 0 (no face in the reference) the
+    people: (P, D) subject centroids. With P = 0 (no face in the subject images) the
     video's own first faces stand in, so temporal consistency is still measured.
     """
     from ipro.faces.identity import assign
@@ -132,7 +132,7 @@ def frame_features(faces: VideoFaceData, people: torch.Tensor) -> torch.Tensor:
 
 
 class FaceFeatureExtractor:
-    """Faces of videos and reference images through a frozen `FaceEmbedder`, cached.
+    """Faces of videos and subject images through a frozen `FaceEmbedder`, cached.
 
     cache_dir: where per-file face data goes (keyed by path, size, mtime, frame count
     and recognizer); None keeps it in memory only.
@@ -173,7 +173,7 @@ class FaceFeatureExtractor:
 
     def people(self, images: torch.Tensor) -> torch.Tensor:
         emb, image = self.image_faces(images)
-        return reference_people(emb, image, self.identity_threshold)
+        return subject_people(emb, image, self.identity_threshold)
 
     # -- files, with the cache --
 
@@ -220,8 +220,8 @@ class FaceFeatureExtractor:
             embs.append(emb)
             index.append(torch.full((len(emb),), k, dtype=torch.long))
         dim = self.embedder.embedding_dim
-        return reference_people(torch.cat(embs) if embs else torch.zeros(0, dim), torch.cat(index) if index else torch.zeros(0, dtype=torch.long), self.identity_threshold)
+        return subject_people(torch.cat(embs) if embs else torch.zeros(0, dim), torch.cat(index) if index else torch.zeros(0, dtype=torch.long), self.identity_threshold)
 
-    def file_features(self, video: str | Path, references: list[str | Path]) -> torch.Tensor:
-        return frame_features(self.video_file(video), self.people_files(references))
+    def file_features(self, video: str | Path, subjects: list[str | Path]) -> torch.Tensor:
+        return frame_features(self.video_file(video), self.people_files(subjects))
 

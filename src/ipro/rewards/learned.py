@@ -1,10 +1,10 @@
-"""A learned identity reward: does this video keep the people of the reference image(s)?
+"""A learned identity reward: does this video keep the people of the subject image(s)?
 
 Identity-GRPO trains a video reward model on pairwise preferences (human and synthetic,
 see `ipro.data.pairs`). Here the default backbone is the frozen face stack
 (`FaceEmbedder`: MTCNN + dlib/ArcFace), so the model trains on a CPU in minutes:
 
-1. Reference identities: the faces of the reference image(s), clustered into people.
+1. Subject identities: the faces of the subject image(s), clustered into people.
 2. N frames evenly spaced over the video; every face is detected and embedded once and
    cached on disk (training never re-runs detection).
 3. Per frame, identity features (`FEATURES`): each face is assigned to a person
@@ -171,12 +171,12 @@ def pair_tensors(pairs, extractor: FaceFeatureExtractor, progress=None) -> tuple
     feats = []
     ia, ib = [], []
     for k, p in enumerate(pairs):
-        refs = [str(r) for r in p.references]
+        subj = [str(r) for r in p.subjects]
         for v, dest in ((p.video_a, ia), (p.video_b, ib)):
-            key = (str(v), tuple(refs))
+            key = (str(v), tuple(subj))
             if key not in videos:
                 videos[key] = len(feats)
-                feats.append(extractor.file_features(v, refs))
+                feats.append(extractor.file_features(v, subj))
             dest.append(videos[key])
         if progress:
             progress(k + 1, len(pairs))
@@ -233,12 +233,12 @@ def evaluate_reward_model(model: IdentityRewardModel, pairs, extractor: FaceFeat
 
 
 @torch.no_grad()
-def score_files(model, videos: list, references: list, cache_dir: str | Path | None = None) -> list[float]:
-    """Raw scores of video files against reference images, for either backbone."""
+def score_files(model, videos: list, subjects: list, cache_dir: str | Path | None = None) -> list[float]:
+    """Raw scores of video files against subject images, for either backbone."""
     if getattr(model, "backbone", "faces") == "vlm":
-        return model.score_files(videos, references)
+        return model.score_files(videos, subjects)
     extractor = FaceFeatureExtractor(num_frames=model.num_frames, cache_dir=cache_dir)
-    feats = torch.stack([extractor.file_features(v, references) for v in videos])
+    feats = torch.stack([extractor.file_features(v, subjects) for v in videos])
     return model(feats).tolist()
 
 
@@ -248,7 +248,7 @@ def evaluate_files(model, pairs, cache_dir: str | Path | None = None) -> dict:
     if getattr(model, "backbone", "faces") != "vlm":
         extractor = FaceFeatureExtractor(num_frames=model.num_frames, cache_dir=cache_dir)
         return evaluate_reward_model(model, pairs, extractor)
-    d = torch.tensor([a - b for a, b in (score_files(model, [p.video_a, p.video_b], p.references) for p in pairs)])
+    d = torch.tensor([a - b for a, b in (score_files(model, [p.video_a, p.video_b], p.subjects) for p in pairs)])
     target = torch.tensor([p.target for p in pairs])
     return accuracy_from_scores(d, target, model.tau.detach().cpu(), [p.kind for p in pairs])
 
@@ -259,8 +259,8 @@ def evaluate_files(model, pairs, cache_dir: str | Path | None = None) -> dict:
 class LearnedIdentityReward(Reward):
     """A trained `IdentityRewardModel` as a `Reward` (scores carry no gradient).
 
-    References, in order of preference: `batch.extra["references"]` (per video a
-    (K, 3, H, W) tensor of reference images), `batch.input_frames` (the input image),
+    Subject images, in order of preference: `batch.extra["subjects"]` (per video a
+    (K, 3, H, W) tensor of subject images), `batch.input_frames` (the input image),
     the pool's people (`batch.pools`); with none, the video's own first faces.
     `per_frame` holds each scored frame's face cosine to its person (NaN: no face).
     """
@@ -301,9 +301,9 @@ class LearnedIdentityReward(Reward):
 
     @torch.no_grad()
     def _people(self, batch: RewardBatch, b: int) -> list[torch.Tensor]:
-        refs = batch.extra.get("references")
-        if refs is not None:
-            return [self.extractor.people(r) for r in refs]
+        subj = batch.extra.get("subjects")
+        if subj is not None:
+            return [self.extractor.people(r) for r in subj]
         if batch.input_frames is not None:
             people, seen = [], {}
             for i in range(b):  # a GRPO group repeats each input image: detect it once

@@ -1,6 +1,6 @@
 """The vision-language backbone of the identity reward model (Identity-GRPO's choice).
 
-A Qwen2-VL / Qwen2.5-VL checkpoint from a local folder reads the reference image(s) and
+A Qwen2-VL / Qwen2.5-VL checkpoint from a local folder reads the subject image(s) and
 N frames of a video as images, then a question; a linear value head on the last token's
 hidden state gives the score. LoRA (peft) on the language model's attention projections
 and the head train with the same Rao-Kupper pair loss as the face-feature backbone.
@@ -71,7 +71,7 @@ def patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
 
 class VlmRewardModel(PreferenceModel):
     """A Qwen2-VL / Qwen2.5-VL model with LoRA and a scalar value head on the last
-    token's hidden state. Each frame and reference is resized to `image_size` squared
+    token's hidden state. Each frame and subject image is resized to `image_size` squared
     (a multiple of patch_size x merge_size, 28 for Qwen)."""
 
     backbone = "vlm"
@@ -133,13 +133,13 @@ class VlmRewardModel(PreferenceModel):
         image = [self.token_ids["vision_start"]] + [self.token_ids["image"]] * tokens_per_image + [self.token_ids["vision_end"]]
         return encode("<|im_start|>user\n") + image * num_images + encode(PROMPT + "<|im_end|>\n<|im_start|>assistant\n")
 
-    def forward(self, references: Sequence, videos: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """references: per video (K, 3, H, W) or a list of (3, H, W); videos: (B, F, 3, H, W)
+    def forward(self, subjects: Sequence, videos: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """subjects: per video (K, 3, H, W) or a list of (3, H, W); videos: (B, F, 3, H, W)
         or a list of (F, 3, H, W), in [0, 1] -> (B,) scores."""
         rows, grids, ids = [], [], []
-        for refs, video in zip(references, videos, strict=True):
-            refs = torch.stack(list(refs)) if not torch.is_tensor(refs) else refs
-            images = torch.cat([refs.to(self.device), video[sample_frames(video.shape[0], self.num_frames)].to(self.device)])
+        for subj, video in zip(subjects, videos, strict=True):
+            subj = torch.stack(list(subj)) if not torch.is_tensor(subj) else subj
+            images = torch.cat([subj.to(self.device), video[sample_frames(video.shape[0], self.num_frames)].to(self.device)])
             x, grid = self.pixels(images)
             rows.append(x)
             grids += [grid] * len(images)
@@ -154,11 +154,11 @@ class VlmRewardModel(PreferenceModel):
         return self.value_head(out.hidden_states[-1][:, -1].float()).squeeze(-1)
 
     @torch.no_grad()
-    def score_files(self, videos: Sequence, references: Sequence) -> list[float]:
+    def score_files(self, videos: Sequence, subjects: Sequence) -> list[float]:
         from ipro.data.video import read_image, read_media
 
-        refs = [to_tensor(read_image(r)) for r in references]
-        return [float(self([refs], [to_tensor(read_media(v)[0])])) for v in videos]
+        subj = [to_tensor(read_image(r)) for r in subjects]
+        return [float(self([subj], [to_tensor(read_media(v)[0])])) for v in videos]
 
     def save(self, directory: str | Path) -> Path:
         """adapter/ (a peft LoRA folder for the base checkpoint), head.safetensors and
@@ -219,8 +219,8 @@ def train_vlm_reward_model(model: VlmRewardModel, train_pairs, epochs: int = 1, 
     for _ in range(epochs):
         for k in torch.randperm(len(train_pairs), generator=gen).tolist():
             p = train_pairs[k]
-            refs = [to_tensor(read_image(r)) for r in p.references]
-            s_a, s_b = model([refs, refs], [to_tensor(read_media(v)[0]) for v in (p.video_a, p.video_b)])
+            subj = [to_tensor(read_image(r)) for r in p.subjects]
+            s_a, s_b = model([subj, subj], [to_tensor(read_media(v)[0]) for v in (p.video_a, p.video_b)])
             target = torch.tensor([p.target], device=model.device)
             loss = rao_kupper_nll((s_a - s_b)[None], target, model.tau).mean() * p.weight
             opt.zero_grad()
@@ -233,17 +233,17 @@ def train_vlm_reward_model(model: VlmRewardModel, train_pairs, epochs: int = 1, 
     scores: dict[tuple, float] = {}
     for p in train_pairs:
         for v in (p.video_a, p.video_b):
-            key = (str(v), tuple(map(str, p.references)))
+            key = (str(v), tuple(map(str, p.subjects)))
             if key not in scores:
-                scores[key] = model.score_files([v], p.references)[0]
+                scores[key] = model.score_files([v], p.subjects)[0]
     s = torch.tensor(list(scores.values()))
     model.normalization = Normalization(float(s.mean()), float(s.std().clamp_min(1e-3)) if len(s) > 1 else 1.0)
     return model
 
 
 class VlmIdentityReward(Reward):
-    """A trained `VlmRewardModel` as a `Reward` (no gradient): references are
-    `batch.extra["references"]` (per video a list or (K, 3, H, W) tensor) or the input
+    """A trained `VlmRewardModel` as a `Reward` (no gradient): subject images are
+    `batch.extra["subjects"]` (per video a list or (K, 3, H, W) tensor) or the input
     images (`batch.input_frames`)."""
 
     name = "identity_vlm"
@@ -256,13 +256,13 @@ class VlmIdentityReward(Reward):
     def forward(self, frames: torch.Tensor, batch: RewardBatch | Mapping[str, Any] | None = None) -> RewardOutput:
         b = frames.shape[0]
         batch = RewardBatch.coerce(batch, b)
-        refs = batch.extra.get("references")
-        if refs is None:
+        subj = batch.extra.get("subjects")
+        if subj is None:
             if batch.input_frames is None:
-                raise IproError("the VLM identity reward needs reference images: batch.input_frames or batch.extra['references']")
-            refs = [batch.input_frames[i : i + 1] for i in range(b)]
+                raise IproError("the VLM identity reward needs subject images: batch.input_frames or batch.extra['subjects']")
+            subj = [batch.input_frames[i : i + 1] for i in range(b)]
         with torch.no_grad():
-            raw = self.model(refs, frames).float().to(frames.device)
+            raw = self.model(subj, frames).float().to(frames.device)
         steps = sample_frames(frames.shape[1], self.model.num_frames).to(frames.device)
         per_frame = torch.full((b, len(steps)), float("nan"), device=frames.device)
         anchor = frames.flatten()[:1].sum() * 0.0

@@ -46,8 +46,8 @@ class ModelConfig(Section):
     offload_frozen_expert: bool = Field(
         True, description="Two-expert models (Wan 2.2 A14B): keep the expert that is not trained on the CPU and run it "
         "one block at a time on the accelerator (diffusers group offloading), instead of holding ~28 GB there all step.")
-    reference_images: int = Field(
-        0, ge=0, description="Reference-to-video families (wan-vace): reference images per video, cropped around each "
+    subject_images: int = Field(
+        0, ge=0, description="Subject-to-video families (wan-vace, phantom): subject images per video, cropped around each "
         "person's face in the first frame (whole frame where fewer people show); 0 conditions on the first frame only. "
         "phantom (no first frame) takes 1-4, one per person; 0 means 1.")
 
@@ -61,6 +61,13 @@ class ModelConfig(Section):
         if isinstance(paths, list) and not 1 <= len(paths) <= 2:
             raise ValueError(f"model.lightning_lora takes one path, or two (high-noise first), got {len(paths)}; list one per expert")
         return paths
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "reference_images" in data:
+            raise ValueError("model.reference_images: renamed to model.subject_images (images of the people to keep); rename the key")
+        return data
 
 
 class DataConfig(Section):

@@ -125,8 +125,8 @@ class GRPOTrainer(Trainer):
         self.keep_rollout_frames(frames)  # for the reward-hacking monitor (ipro.train.monitor)
         pools = [p for p in batch["pool"] for _ in range(G)]
         images = batch["image"].to(frames.device).repeat_interleave(G, 0)
-        # A reference-to-video model's reference crops are the learned rewards' references too.
-        extra = {"references": [r for r in batch["references"] for _ in range(G)]} if "references" in batch else {}
+        # A subject-to-video model's subject crops are the learned rewards' subject images too.
+        extra = {"subjects": [s for s in batch["subjects"] for _ in range(G)]} if "subjects" in batch else {}
         out = self.reward(frames.float(), RewardBatch(pools=pools, input_frames=images, extra=extra))
         t2 = time.perf_counter()
         scores, valid = out.score.detach().float(), out.valid

@@ -112,7 +112,7 @@ class Trainer:
 
         d = self.config.data
         return CuratedDataset(d.dataset, load_clip=self.needs_clips, frames=d.num_frames if self.needs_clips else None, size=(d.height, d.width),
-                              references=self.model.num_reference_images)
+                              subjects=self.model.num_subject_images)
 
     def build_reward(self):
         return None
@@ -353,12 +353,12 @@ class Trainer:
 
     def condition(self, batch: dict, images: torch.Tensor | None = None):
         """The model's `Condition` for a batch: its first frames (or `images`), captions
-        (the default prompt where empty) and, for reference-to-video models, its references."""
+        (the default prompt where empty) and, for subject-to-video models, its subject images."""
         d = self.config.data
         dev = self.accelerator.device
         images = (batch["image"] if images is None else images).to(dev)
         prompts = [cap or d.default_prompt for cap in batch["caption"]]
-        extra = {"reference_images": batch["references"].to(dev)} if self.model.num_reference_images else {}
+        extra = {"subject_images": batch["subjects"].to(dev)} if self.model.num_subject_images else {}
         return self.model.prepare_condition(images, prompts, d.num_frames, d.height, d.width, **extra)
 
     @torch.no_grad()
@@ -377,7 +377,7 @@ class Trainer:
             seeds=c.run.seed, names=[f"step-{self.global_step:06d}-{item_id}" for item_id in batch["id"]],
             num_frames=d.num_frames, height=d.height, width=d.width, steps=c.sampler.num_steps,
             guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift, batch_size=len(batch["id"]),
-            references=batch["references"] if self.model.num_reference_images else None,
+            references=batch["subjects"] if self.model.num_subject_images else None,
             metadata={"step": self.global_step},
         )
 
@@ -389,11 +389,11 @@ def load_for_training(m, cache_dir: Path, device):
     dtype = getattr(torch, m.dtype)  # the config allows float32, bfloat16, float16
     path = resolve_model_path(m.path, cache_dir)
     family = detect_family(path) if m.family == "auto" else m.family
-    references = {}
-    if m.reference_images:
-        if not FAMILIES[family].takes_reference_images:
-            raise IproError(f"model.reference_images={m.reference_images}: the {family} family takes no reference images; set it to 0")
-        references = {"num_reference_images": m.reference_images}
+    subjects = {}
+    if m.subject_images:
+        if not FAMILIES[family].takes_subject_images:
+            raise IproError(f"model.subject_images={m.subject_images}: the {family} family takes no subject images; set it to 0")
+        subjects = {"num_subject_images": m.subject_images}
     return load_model(
         path,
         family=family,
@@ -408,7 +408,7 @@ def load_for_training(m, cache_dir: Path, device):
         gradient_checkpointing=m.gradient_checkpointing,
         decode_tile=m.decode_tile,
         offload_frozen_expert=m.offload_frozen_expert,
-        **references,
+        **subjects,
     )
 
 
