@@ -299,8 +299,8 @@ def train(args) -> tuple[PixelI2V, dict]:
 # --- Evaluation --------------------------------------------------------------------------
 
 
-def face_stats(embedder, frames: torch.Tensor, reference: torch.Tensor | None) -> tuple[float, list[float], torch.Tensor | None]:
-    """Detection rate over frames (F, 3, H, W) and each detected largest face's cosine to `reference`."""
+def face_stats(embedder, frames: torch.Tensor, input_face: torch.Tensor | None) -> tuple[float, list[float], torch.Tensor | None]:
+    """Detection rate over frames (F, 3, H, W) and each detected largest face's cosine to `input_face`."""
     faces = embedder(frames[None])
     sims, found, first = [], 0, None
     for f in range(frames.shape[0]):
@@ -313,8 +313,8 @@ def face_stats(embedder, frames: torch.Tensor, reference: torch.Tensor | None) -
         emb = faces.embeddings[largest]
         if f == 0:
             first = emb
-        if reference is not None:
-            sims.append(float(emb @ reference))
+        if input_face is not None:
+            sims.append(float(emb @ input_face))
     return found / frames.shape[0], sims, first
 
 
@@ -330,18 +330,18 @@ def evaluate(model: PixelI2V, out_dir: Path | None = None, seeds=(0, 1, 2), step
         gen_det, gen_sim, gt_det, gt_sim, per_item = [], [], [], [], {}
         for item in held_out_inputs():
             clip = item["clip"]  # (3, F, H, W)
-            _, _, reference = face_stats(embedder, clip[:, :1].transpose(0, 1), None)
-            if reference is None:
+            _, _, input_face = face_stats(embedder, clip[:, :1].transpose(0, 1), None)
+            if input_face is None:
                 raise RuntimeError(f"{item['name']}: no face in the held-out input")
             if not item.get("no_gt"):
-                det, sims, _ = face_stats(embedder, clip[:, 1:].transpose(0, 1), reference)
+                det, sims, _ = face_stats(embedder, clip[:, 1:].transpose(0, 1), input_face)
                 gt_det.append(det)
                 gt_sim += sims
             cond = model.prepare_condition(clip[None, :, 0], [""], FRAMES, HEIGHT, WIDTH)
             item_sims = []
             for seed in seeds:
                 video = model.decode(sample(model, cond, steps, seed=seed).latents)[0]  # (F, 3, H, W)
-                det, sims, _ = face_stats(embedder, video[1:], reference)
+                det, sims, _ = face_stats(embedder, video[1:], input_face)
                 gen_det.append(det)
                 item_sims += sims
                 if out_dir is not None and seed == seeds[0]:

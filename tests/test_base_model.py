@@ -87,9 +87,9 @@ def test_held_out_frame_gives_detectable_recognisable_faces(base, embedder, carp
     assert (video[0, 1:] - video[0, :1]).abs().mean() > 1e-3  # later frames are generated, not copies
     faces = embedder(video)
     assert faces.has_face[0].sum() >= 7  # frame 0 and at least 6 of the 8 generated frames
-    reference = faces.embeddings[faces.frame_faces(0, 0)[0]]
+    input_face = faces.embeddings[faces.frame_faces(0, 0)[0]]
     generated = faces.embeddings[faces.frame > 0]
-    similarity = float((generated @ reference).mean())
+    similarity = float((generated @ input_face).mean())
     assert 0.9 < similarity < 0.999  # the same person (dlib), but not a frozen copy
 
 

@@ -55,14 +55,14 @@ def test_still_photo_scores_its_self_similarity(photo, carphone, dlib_protocol):
 def test_the_largest_face_of_a_frame_is_scored(astronaut, carphone, dlib_protocol):
     embedder = dlib_protocol.arc
     photo = np.asarray(Image.fromarray(astronaut).resize((384, 384), Image.Resampling.LANCZOS))  # face ~65 px wide
-    reference = largest_face(embedder, photo)
+    input_face = largest_face(embedder, photo)
     small = carphone[0]  # a ~47 px face beside it
     canvas = np.full((384, 384 + small.shape[1], 3), 128, dtype=np.uint8)
     canvas[:, :384] = photo
     canvas[: small.shape[0], 384:] = small
-    assert face_sim(embedder, canvas[None].repeat(16, 0), reference)["face_sim"] > 0.98  # landmarks move a little on a wider canvas
+    assert face_sim(embedder, canvas[None].repeat(16, 0), input_face)["face_sim"] > 0.98  # landmarks move a little on a wider canvas
     canvas[:, :384] = 128  # the astronaut gone: the other face is the largest
-    assert face_sim(embedder, canvas[None].repeat(16, 0), reference)["face_sim"] < 0.9
+    assert face_sim(embedder, canvas[None].repeat(16, 0), input_face)["face_sim"] < 0.9
 
 
 def test_curricularface_checkpoint_is_loaded_and_used(tmp_path, photo):

@@ -30,7 +30,7 @@ from PIL import Image
 from ipro.data.video import write_image, write_video
 from ipro.errors import IproError
 from ipro.eval import Evaluator, evaluate, load_run
-from ipro.eval.identity import embed_frames, face_similarity, reference_people, swaps_and_coverage
+from ipro.eval.identity import embed_frames, face_similarity, input_people, swaps_and_coverage
 from ipro.eval.inputs import find_inputs, find_items
 from ipro.eval.motion import dynamic_degree, motion_smoothness, temporal_flickering
 from ipro.eval.niqe import niqe, niqe_video
@@ -343,8 +343,8 @@ def test_identity_swaps_and_per_person_facesim(carphone, astronaut, embedder):
     frame of the second half, while per-frame FaceSim (which matches by identity) stays high."""
     from ipro.faces.embedder import VideoFaces
 
-    man = reference_people(embed_frames(embedder, carphone[:1]))
-    woman = reference_people(embed_frames(embedder, astronaut[None]))
+    man = input_people(embed_frames(embedder, carphone[:1]))
+    woman = input_people(embed_frames(embedder, astronaut[None]))
     people = torch.cat([man, woman])
     frames = 10
     left, right = torch.tensor([10.0, 10, 60, 70]), torch.tensor([100.0, 10, 150, 70])

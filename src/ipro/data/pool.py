@@ -1,7 +1,7 @@
 """The face pool of a clip: the embeddings of its faces in every frame that has one.
 
 IPRO's facial scoring mechanism (FSM) compares each generated face against the whole
-pool of the ground-truth clip rather than one reference image, so that natural changes
+pool of the ground-truth clip rather than the input image's face alone, so that natural changes
 of pose and expression are not penalized. Stored per clip as safetensors.
 """
 

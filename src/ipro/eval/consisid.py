@@ -8,7 +8,7 @@ The protocol, per generated video and its input image (ConsisID `eval/get_facesi
 2. Frames: 16 indices `linspace(0, F - 1, 16)` truncated to integers (all frames of a
    shorter video appear, some twice, as in the original).
 3. In each sampled frame: the largest face (same padding retry), embedded; its score is
-   max(0, cos(reference, face)). Frames without a face are left out.
+   max(0, cos(input_face, face)). Frames without a face are left out.
 4. FaceSim = mean of those scores over the frames with a face; 0.0 when no frame has one.
 
 FaceSim-Arc uses ArcFace (ConsisID: insightface's antelopev2 glintr100, IResNet-100),
@@ -70,13 +70,13 @@ def largest_face(embedder, image: np.ndarray) -> torch.Tensor | None:
     return emb
 
 
-def face_sim(embedder, frames: np.ndarray, reference: torch.Tensor) -> dict:
-    """FaceSim of (F, H, W, 3) uint8 frames against a unit reference embedding."""
+def face_sim(embedder, frames: np.ndarray, input_face: torch.Tensor) -> dict:
+    """FaceSim of (F, H, W, 3) uint8 frames against the input face's unit embedding."""
     cosines = []
     for i in sample_indices(len(frames)):
         emb = largest_face(embedder, frames[i])
         if emb is not None:
-            cosines.append(float(emb @ reference))
+            cosines.append(float(emb @ input_face))
     return {"face_sim": clipped_mean(cosines), "frames_with_face": len(cosines)}
 
 
@@ -105,11 +105,11 @@ class ConsisIDProtocol:
             if key == "face_sim_cur" and self.cur is self.arc:
                 out[key], out[f"{key}_frames"] = out["face_sim_arc"], out["face_sim_arc_frames"]
                 continue
-            reference = largest_face(embedder, image)
-            if reference is None:
+            input_face = largest_face(embedder, image)
+            if input_face is None:
                 out[key], out[f"{key}_frames"] = None, 0
                 continue
-            r = face_sim(embedder, frames, reference)
+            r = face_sim(embedder, frames, input_face)
             out[key], out[f"{key}_frames"] = r["face_sim"], r["frames_with_face"]
         return out
 

@@ -137,7 +137,7 @@ class Evaluator:
         faces = identity.embed_frames(self.embedder, frames)
         people = faces.embeddings.new_zeros(0, faces.embeddings.shape[1])
         if image is not None:
-            people = identity.reference_people(identity.embed_frames(self.embedder, image[None]), self.max_people)
+            people = identity.input_people(identity.embed_frames(self.embedder, image[None]), self.max_people)
         if people.shape[0] == 0:
             details["notes"].append("no face found in the input image: FaceSim and swaps not computed")
         sim = identity.face_similarity(faces, people)

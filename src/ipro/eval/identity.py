@@ -5,16 +5,16 @@ embeddings of the people it should show: the faces of the input image (`refs`) a
 when a ground-truth clip exists, its face pool.
 
 - FaceSim (the paper's metric): in each frame, the generated faces are matched to the
-  reference people by Hungarian assignment on cosine (no threshold: a face that turned
+  input image's people by Hungarian assignment on cosine (no threshold: a face that turned
   into someone else must lower the score, not drop out); FaceSim of a person is the
   mean cosine over the frames where they were matched; the video's FaceSim is the mean
   over people. Frames without a face are left out (reported as coverage).
 - FaceSim vs pool (the paper's FSM): the same, but a matched face scores its mean
   cosine to all of that person's faces in the ground-truth clip.
 - Swaps: faces are linked over time into tracks by box overlap. Each face is labelled
-  with the reference person it is most similar to, or "unknown" below the recognizer's
+  with the input image's person it is most similar to, or "unknown" below the recognizer's
   same-person threshold; a track's person is its most common known label. A face whose
-  label is another reference person is a swap; one labelled unknown on a known track
+  label is another of its people is a swap; one labelled unknown on a known track
   has lost its identity.
 """
 
@@ -49,7 +49,7 @@ def embed_frames(embedder, frames: np.ndarray, chunk: int = 16):
     )
 
 
-def reference_people(faces, max_people: int = 4) -> torch.Tensor:
+def input_people(faces, max_people: int = 4) -> torch.Tensor:
     """Embeddings (P, D) of the faces in a one-frame `VideoFaces` (the input image),
     largest first; P is 0 when the image has no face."""
     area = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
@@ -75,7 +75,7 @@ def match_per_frame(faces, people: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def face_similarity(faces, people: torch.Tensor) -> dict:
-    """FaceSim against reference embeddings `people` (P, D); None when no face matched."""
+    """FaceSim against the people's embeddings `people` (P, D); None when no face matched."""
     if people.shape[0] == 0:
         return {"face_sim": None, "per_person": [], "frames_scored": 0}
     emb = faces.embeddings.detach().float()

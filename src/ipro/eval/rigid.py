@@ -46,8 +46,8 @@ CHIP = 64
 
 
 def main_face_per_frame(faces, matches: list[tuple[int, int, int]] | None) -> dict[int, int]:
-    """frame -> face index of the main face: the face matched to person 0 where there
-    is a reference, else the largest face of the frame."""
+    """frame -> face index of the main face: the face matched to person 0 where the
+    input image has a face, else the largest face of the frame."""
     if matches:
         return {f: face for face, person, f in matches if person == 0}
     area = (faces.boxes[:, 2] - faces.boxes[:, 0]) * (faces.boxes[:, 3] - faces.boxes[:, 1])
