@@ -159,12 +159,8 @@ class Planner:
         frozen = getattr(self.model, "frozen_expert", None)
         return frozen if cfg.model.offload_frozen_expert and frozen is not None else None
 
-    def _weights(self, cfg) -> list[torch.Tensor]:
-        skip = {id(m) for m in self._encoders()}
-        offloaded = self._offloaded(cfg)
-        if offloaded is not None:
-            skip.add(id(offloaded))
-        modules = [m for m in _components(self.model) if id(m) not in skip]
+    @staticmethod
+    def _tensors(modules) -> list[torch.Tensor]:
         return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
     def _encode_phase(self, mem: LiveMemory, cfg) -> None:
@@ -173,7 +169,7 @@ class Planner:
         encoders = self._encoders()
         if not encoders:
             return
-        weights = tensor_bytes(t for e in encoders for t in (*e.parameters(), *e.buffers()))
+        weights = tensor_bytes(self._tensors(encoders))  # held since the start; resident in this phase only
         mem.add(weights)
         with mem.phase("encode prompts and first frames (once)"), torch.no_grad():
             for e in encoders:
@@ -249,9 +245,13 @@ class Planner:
         model.velocity = None  # set below, inside the tracer
         mem = mem or LiveMemory()
         with mem:
-            weights = mem.hold(self._weights(cfg))
+            # Every weight is held, so that the views ops take of them (a linear's transposed weight)
+            # cost nothing; what is not on the GPU all step is then taken off the total by hand.
+            mem.hold(self._tensors(_components(model)))
+            away = self._encoders() + ([offloaded] if offloaded is not None else [])
+            mem.remove(tensor_bytes(self._tensors(away)))
             mem.add(self.autocast_extra)
-            weights += self.autocast_extra
+            weights = mem.live
             reward_weights = mem.hold(_recognizer(cfg, self.device).parameters())
             if offloaded is not None:
                 mem.add(_block_bytes(offloaded))
