@@ -130,7 +130,7 @@ def test_generate_with_a_lora(tiny, images, tmp_path):
         (["--prompts", "{tmp}/three.txt"], "has 3 prompts for 1 images"),
         (["--lora", "{tmp}/lora.safetensors"], "--lora file not found"),
         (["--family", "sora"], "--family 'sora': unknown"),
-        (["--reference", "{tmp}/three.txt"], "--reference: the wan2.1-i2v family takes no reference images"),
+        (["--subject", "{tmp}/three.txt"], "--subject: the wan2.1-i2v family takes no subject images"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tiny, images, tmp_path, args, message):

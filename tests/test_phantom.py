@@ -1,6 +1,6 @@
 """Phantom-Wan (subject-to-video) on a tiny random checkpoint: Phantom's sampling loop and
 CFG, subject frames in and out, the checkpoint conversion, training with GRPO and IPRO,
-and `ipro generate --reference A B` / `ipro eval` on its output."""
+and `ipro generate --subject A B` (alias --reference) / `ipro eval` on its output."""
 
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ def test_face_reward_runs_on_phantom_rollouts(dataset, tmp_path):
     assert logs["face_coverage"] == 0.0 and torch.isfinite(torch.as_tensor(logs["loss"]))
 
 
-def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphone, tmp_path):
+def test_generate_from_two_subject_faces_then_eval(phantom, astronaut, carphone, tmp_path):
     from typer.testing import CliRunner
 
     from ipro.cli.main import _register, app
@@ -325,7 +325,7 @@ def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphon
         write_image(tmp_path / f"{name}.png", image)
     a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
     common = ["--model", str(phantom), "--num-frames", "9", "--height", "64", "--width", "64", "--steps", "3", "--prompt", PROMPT]
-    runs = {"issue": ["--reference", a, b], "repeated": ["--reference", a, "--reference", b], "one": ["--reference", a]}
+    runs = {"issue": ["--reference", a, b], "repeated": ["--subject", a, "--subject", b], "one": ["--subject", a]}
     for run, args in runs.items():
         result = CliRunner().invoke(app, ["generate", *args, *common, "--out", str(tmp_path / run)])
         assert result.exit_code == 0, result.output + repr(result.exception)
@@ -337,11 +337,11 @@ def test_generate_from_two_reference_faces_then_eval(phantom, astronaut, carphon
     other = np.abs(video.astype(int) - read_video(tmp_path / "one" / "a.mp4")[0].astype(int)).mean()
     assert same < 0.3 and other > 1.0, (same, other)
     settings = json.loads((tmp_path / "issue" / "a+b.json").read_text())
-    assert settings["references"] == [a, b] and settings["image"] is None and settings["family"] == "phantom"
+    assert settings["subjects"] == [a, b] and settings["image"] is None and settings["family"] == "phantom"
 
     # Phantom takes no first frame, so without references there is nothing to generate from.
     result = CliRunner().invoke(app, ["generate", *common, "--out", str(tmp_path / "none")])
-    assert isinstance(result.exception, IproError) and "--reference" in str(result.exception)
+    assert isinstance(result.exception, IproError) and "--subject" in str(result.exception)
 
     # `ipro eval`: the subject images, side by side, are the video's input image (its people).
     from ipro.eval.inputs import find_items

@@ -183,8 +183,8 @@ def test_grpo_trains_wan_vace_with_subject_crops(dataset, tmp_path):
         GRPOTrainer(load_config("configs/tiny-cpu-grpo.yaml", {**overrides, "model.path": "tiny:wan2.1-i2v", "run.output_dir": str(tmp_path / "r2")}))
 
 
-def test_generate_with_reference_images(vace, face, subject, tmp_path):
-    """`ipro generate --reference`: the reference conditions the video (it differs from the
+def test_generate_with_subject_images(vace, face, subject, tmp_path):
+    """`ipro generate --subject`: the reference conditions the video (it differs from the
     video made without it) and is not one of its frames."""
     from typer.testing import CliRunner
 
@@ -195,7 +195,7 @@ def test_generate_with_reference_images(vace, face, subject, tmp_path):
     write_image(tmp_path / "first.png", face[0])
     write_image(tmp_path / "ref.png", subject)
     common = [str(tmp_path / "first.png"), "--model", str(vace), "--num-frames", "9", "--height", "64", "--width", "64", "--steps", "3"]
-    for name, extra in (("with", ["--reference", str(tmp_path / "ref.png")]), ("without", [])):
+    for name, extra in (("with", ["--subject", str(tmp_path / "ref.png")]), ("without", [])):
         result = CliRunner().invoke(app, ["generate", *common, *extra, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output + repr(result.exception)
     with_ref, _ = read_video(tmp_path / "with" / "first.mp4")
@@ -204,7 +204,7 @@ def test_generate_with_reference_images(vace, face, subject, tmp_path):
     assert np.abs(with_ref.astype(int) - without.astype(int)).mean() > 1.0
     import json
 
-    assert json.loads((tmp_path / "with" / "first.json").read_text())["references"] == [str(tmp_path / "ref.png")]
+    assert json.loads((tmp_path / "with" / "first.json").read_text())["subjects"] == [str(tmp_path / "ref.png")]
 
 
 def test_subject_images_without_a_face_on_the_first_frame_are_the_whole_frame(dataset):

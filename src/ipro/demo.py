@@ -7,7 +7,7 @@
 3. The base model generates the held-out videos; `ipro eval` scores them, and scores
    the ground-truth clips too: their FaceSim to their own first frame is the ceiling.
 4. IPRO fine-tunes the base model (configs/tiny-cpu-ipro.yaml), and so do the paper's
-   two ablations: KL off, and `reference` mode instead of the face pool.
+   two ablations: KL off, and `input_face` mode instead of the face pool.
 5. Each run generates and is scored again; demo_report.html puts the table (FaceSim,
    share of the gap to the ceiling closed, flicker, dynamic degree, rigid-face rate),
    the videos side by side and the reward and KL curves together.
@@ -273,7 +273,7 @@ def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations:
     ceiling = evaluate(gt_videos, heldout, out / "eval" / "ground-truth", evaluator=evaluator)
     variants = {"ipro": {}}
     if ablations:
-        variants.update({"ipro, KL off": {"kl.weight": 0.0}, "ipro, reference mode": {"reward.mode": "reference"}})
+        variants.update({"ipro, KL off": {"kl.weight": 0.0}, "ipro, input_face mode": {"reward.mode": "input_face"}})
     run_dirs = {}
     for i, (name, overrides) in enumerate(variants.items()):
         slug = name.replace("ipro, ", "").replace(" ", "-").lower()

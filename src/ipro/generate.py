@@ -92,7 +92,7 @@ def sample_videos(
     guidance_scale: float | None = None,
     shift: float | None = None,
     batch_size: int = 1,
-    references: list[list[torch.Tensor]] | None = None,
+    subjects: list[list[torch.Tensor]] | None = None,
     negative_prompt: str = "",
 ) -> Iterator[torch.Tensor]:
     """Yield each video (F, 3, H, W) float in [0, 1], in input order, from fitted first frames
@@ -105,7 +105,7 @@ def sample_videos(
         idx = list(range(start, min(start + batch_size, count)))
         # A subject-to-video model (Phantom) reads only the batch size of the first frames.
         batch = torch.zeros(len(idx), 3, height, width) if images is None else images[idx]
-        extra = {"reference_images": [references[i] for i in idx]} if references else {}
+        extra = {"subject_images": [subjects[i] for i in idx]} if subjects else {}
         cond = model.prepare_condition(batch, [prompts[i] for i in idx], num_frames, height, width, negative_prompt, **extra)
         shape = model.latent_shape(1, num_frames, height, width)
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i])) for i in idx])
@@ -128,7 +128,7 @@ def generate(
     guidance_scale: float | None = None,
     shift: float | None = None,
     batch_size: int = 1,
-    references: Sequence[Image] | Sequence[Sequence[Image]] | torch.Tensor | None = None,
+    subjects: Sequence[Image] | Sequence[Sequence[Image]] | torch.Tensor | None = None,
     negative_prompt: str = "",
     fps: float | None = None,
     overwrite: bool = True,
@@ -145,7 +145,7 @@ def generate(
     names: file names without suffix (default: the images' stems).
     num_frames, height, width: default to the model's frames and the first image's aspect
         at the model's area. steps, guidance_scale, shift: default to the model's.
-    references: reference images for every video (Wan VACE, Phantom), or one list per video.
+    subjects: subject images (the people to keep) for every video (Wan VACE, Phantom), or one list per video.
     overwrite: False keeps videos already in out_dir (and samples only the missing ones).
     metadata: more entries for each .json (e.g. the model's path, its LoRA).
     progress: called with the number of videos done after each one.
@@ -178,14 +178,14 @@ def generate(
         hw = _as_tensor(images[0]).shape[-2:] if images else (480, 832)
         height, width = default_size(tuple(hw), model.pixel_multiple(), model.default_area)
     model.check_shape(num_frames, height, width)
-    if references is not None:
-        if not model.takes_reference_images:
-            raise IproError(f"references: the {model.family} family takes no reference images; use a Wan VACE or Phantom model or pass none")
-        per_video = (isinstance(references, torch.Tensor) and references.ndim == 5) or (
-            not isinstance(references, torch.Tensor) and len(references) and isinstance(references[0], (list, tuple)))
-        references = [[_as_tensor(r) for r in refs] for refs in (references if per_video else [references] * count)]
-        if len(references) != count:
-            raise IproError(f"references: got reference images for {len(references)} videos, but {count} videos; pass one list for all or one per video")
+    if subjects is not None:
+        if not model.takes_subject_images:
+            raise IproError(f"subjects: the {model.family} family takes no subject images; use a Wan VACE or Phantom model or pass none")
+        per_video = (isinstance(subjects, torch.Tensor) and subjects.ndim == 5) or (
+            not isinstance(subjects, torch.Tensor) and len(subjects) and isinstance(subjects[0], (list, tuple)))
+        subjects = [[_as_tensor(s) for s in subj] for subj in (subjects if per_video else [subjects] * count)]
+        if len(subjects) != count:
+            raise IproError(f"subjects: got subject images for {len(subjects)} videos, but {count} videos; pass one list for all or one per video")
 
     out_dir = Path(out_dir)
     paths = [out_dir / f"{name}.mp4" for name in names]
@@ -210,7 +210,7 @@ def generate(
     videos = sample_videos(
         model, fitted, [prompts[i] for i in todo], [seeds[i] for i in todo], num_frames=num_frames, height=height,
         width=width, steps=steps, guidance_scale=guidance_scale, shift=shift, batch_size=batch_size,
-        references=[references[i] for i in todo] if references else None, negative_prompt=negative_prompt,
+        subjects=[subjects[i] for i in todo] if subjects else None, negative_prompt=negative_prompt,
     )
     for done, (i, video) in enumerate(zip(todo, videos), 1):
         frames = (video.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()

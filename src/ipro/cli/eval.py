@@ -44,7 +44,7 @@ def _generate(model: str, lora: Path | None, inputs: Path, videos: Path, options
     except TyperException as e:  # typer's own click: a usage error in the flags
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         raise IproError(f"--generate-options {options!r}: {message}; pass `ipro generate` flags") from None
-    for flag, key in (("--lora", "lora"), ("--prompt", "prompt"), ("--prompts", "prompts"), ("--reference", "reference")):
+    for flag, key in (("--lora", "lora"), ("--prompt", "prompt"), ("--prompts", "prompts"), ("--subject", "subject")):
         if flags[key]:
             raise IproError(f"--generate-options: {flag} cannot be given here; eval takes its prompts from the inputs (and --lora itself)")
     items = find_inputs(inputs)

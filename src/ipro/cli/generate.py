@@ -37,7 +37,7 @@ def read_prompts(prompt: str | None, prompts_file: Path | None, num_images: int)
 
 @app.command("generate")
 def generate(
-    images: list[Path] = typer.Argument(None, help="First-frame images; one video per image. Phantom (no first frame): more reference images of its one video."),
+    images: list[Path] = typer.Argument(None, help="First-frame images; one video per image. Phantom (no first frame): more subject images of its one video."),
     model: Path = typer.Option(..., "--model", help="Diffusers-format model folder (Wan 2.1 I2V, Wan 2.2 TI2V-5B or I2V-A14B, Wan VACE, Phantom-Wan), or 'builtin' for the embedded CPU model."),
     out: Path = typer.Option(..., "--out", help="Folder for the .mp4 files and their .json settings."),
     prompt: str = typer.Option(None, "--prompt", help="One prompt for every image."),
@@ -46,7 +46,7 @@ def generate(
     lora: Path = typer.Option(None, "--lora", help="LoRA weights from `ipro train` (file or folder)."),
     lightning: list[Path] = typer.Option([], "--lightning", help="Distilled few-step LoRA to merge; defaults to its 4-step, no-CFG schedule. Wan 2.2 A14B: give it twice, the high-noise expert's file first."),
     family: str = typer.Option(None, "--family", help="Model family; detected from model_index.json by default."),
-    reference: list[Path] = typer.Option([], "--reference", help="Reference image of a person, for every video (Wan VACE, Phantom): --reference A.png B.png or --reference A.png --reference B.png."),
+    subject: list[Path] = typer.Option([], "--subject", "--reference", help="Subject image: a person to keep, for every video (Wan VACE, Phantom; their own docs call these reference images, hence the alias): --subject A.png B.png or --subject A.png --subject B.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first video; video i uses seed + i."),
     num_frames: int = typer.Option(None, "--num-frames", help="Frames per video: 4k+1 (default: the model's, 81 = 5 s at 16 fps for Wan)."),
     height: int = typer.Option(None, "--height", help="Output height (with --width); default: the image's aspect at the model's area (480p for Wan)."),
@@ -77,13 +77,13 @@ def generate(
     if family not in FAMILIES:
         raise IproError(f"--family {family!r}: unknown; use one of {', '.join(FAMILIES)}")
     family_cls = FAMILIES[family]
-    # Subject-to-video (Phantom) has no first frame: `--reference A.png B.png` leaves B.png among
-    # the positional images, so every image given is a reference of the one video made.
+    # Subject-to-video (Phantom) has no first frame: `--subject A.png B.png` leaves B.png among
+    # the positional images, so every image given is a subject of the one video made.
     subject_only = not getattr(family_cls, "takes_first_frame", True)
     if subject_only:
-        reference, images = [*reference, *images], []
-        if not reference:
-            raise IproError(f"--reference: the {family} family makes a video from 1-4 reference images; pass them: --reference A.png B.png")
+        subject, images = [*subject, *images], []
+        if not subject:
+            raise IproError(f"--subject: the {family} family makes a video from 1-4 subject images; pass them: --subject A.png B.png")
     elif not images:
         raise IproError("IMAGES: pass at least one first-frame image (one video per image)")
     all_prompts = read_prompts(prompt, prompts, max(len(images), 1))
@@ -92,28 +92,28 @@ def generate(
         hw = read_image(images[0]).shape[:2] if images else (480, 832)  # Phantom's default size is landscape 480p
         height, width = default_size(hw, family_cls.pixel_multiple(), family_cls.default_area)
     family_cls.check_shape(num_frames, height, width)
-    for path in reference:
+    for path in subject:
         if not path.is_file():
-            raise IproError(f"{path}: no such --reference image; check the path")
-    if reference and not family_cls.takes_reference_images:
-        raise IproError(f"--reference: the {family} family takes no reference images; use a Wan VACE or Phantom checkpoint or drop --reference")
+            raise IproError(f"{path}: no such --subject image; check the path")
+    if subject and not family_cls.takes_subject_images:
+        raise IproError(f"--subject: the {family} family takes no subject images; use a Wan VACE or Phantom checkpoint or drop --subject")
     for path, name in ((lora, "--lora"), *((p, "--lightning") for p in lightning)):
         if path is not None and not path.exists():
             raise IproError(f"{path}: {name} file not found; check the path")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    extra = {"num_reference_images": len(reference)} if reference else {}
+    extra = {"num_subject_images": len(subject)} if subject else {}
     vm = load_model(model, family, dtype=dtype, device=device, lora=lora, lightning=lightning or None, **extra)
-    names = output_names(images) if images else ["+".join(p.stem for p in reference)]
-    metadata = {"references": [str(p) for p in reference], "model": str(model), "lora": str(lora) if lora else None,
+    names = output_names(images) if images else ["+".join(p.stem for p in subject)]
+    metadata = {"subjects": [str(p) for p in subject], "model": str(model), "lora": str(lora) if lora else None,
                 "lightning": [str(p) for p in lightning] or None}
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task("generating", total=len(names))
         paths = generate_videos(
             vm, images or None, out, prompts=all_prompts, seeds=seed, names=names, num_frames=num_frames, height=height,
-            width=width, steps=steps, guidance_scale=guidance, shift=shift, batch_size=batch_size, references=reference or None,
+            width=width, steps=steps, guidance_scale=guidance, shift=shift, batch_size=batch_size, subjects=subject or None,
             negative_prompt=negative_prompt, fps=fps, metadata=metadata, progress=lambda done: progress.update(task, completed=done),
         )
     typer.echo(f"wrote {len(paths)} video(s) to {out}")

@@ -1,6 +1,6 @@
 """When two faces are the same person: one cosine threshold per recognizer, used by
 `ipro prepare` (people of a clip), the face reward (people of a pool built on the fly),
-the learned reward (people of the reference images) and `ipro eval` (swaps, lost faces).
+the learned reward (people of the subject images) and `ipro eval` (swaps, lost faces).
 
 dlib ResNet (the default; its cosine scale is narrow, see OFFLINE notes), measured on the
 footage that ships in packages:

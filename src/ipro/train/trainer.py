@@ -377,7 +377,7 @@ class Trainer:
             seeds=c.run.seed, names=[f"step-{self.global_step:06d}-{item_id}" for item_id in batch["id"]],
             num_frames=d.num_frames, height=d.height, width=d.width, steps=c.sampler.num_steps,
             guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift, batch_size=len(batch["id"]),
-            references=batch["subjects"] if self.model.num_subject_images else None,
+            subjects=batch["subjects"] if self.model.num_subject_images else None,
             metadata={"step": self.global_step},
         )
 
