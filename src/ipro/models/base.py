@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ipro.errors import IproError
 
@@ -267,6 +268,38 @@ def batch_prompts(prompts: str | list[str], batch_size: int) -> list[str]:
     if len(prompts) != batch_size:
         raise ValueError(f"got {batch_size} images but {len(prompts)} prompts")
     return prompts
+
+
+def subjects_per_video(subject_images, batch_size: int, count: int) -> list:
+    """Subject-to-video families: `count` subject images for each of `batch_size` videos, from
+    B sequences of (3, h, w) images or a (B, R, 3, h, w) tensor; one video's subjects may serve
+    the whole batch. One-line IproErrors otherwise."""
+    subjects = [] if subject_images is None else list(subject_images)
+    if len(subjects) == 1 and batch_size > 1:
+        subjects = subjects * batch_size
+    if subjects and len(subjects) != batch_size:
+        raise IproError(f"subject_images: got subject images for {len(subjects)} videos, but {batch_size} images")
+    if any(len(subj) != count for subj in subjects) or (count > 0 and not subjects):
+        got = sorted({len(subj) for subj in subjects}) if subjects else [0]
+        raise IproError(
+            f"subject_images: got {'/'.join(map(str, got))} per video, but the model was loaded with "
+            f"num_subject_images={count}; pass that many per video, or load with num_subject_images=<count>"
+        )
+    return subjects
+
+
+def fit_on_white(image: torch.Tensor, height: int, width: int, *, mode: str, antialias: bool, round_size: bool) -> torch.Tensor:
+    """(3, h, w) -> (3, height, width): scaled to fit and centred on a canvas of ones (white in
+    [0, 1] and in [-1, 1]). The resize settings are each family's reference pipeline's."""
+    image = image[None]
+    scale = min(height / image.shape[-2], width / image.shape[-1])
+    size = [round(n * scale) if round_size else int(n * scale) for n in image.shape[-2:]]
+    new_h, new_w = max(1, size[0]), max(1, size[1])
+    image = F.interpolate(image, size=(new_h, new_w), mode=mode, antialias=antialias, align_corners=False)[0]
+    canvas = image.new_ones(3, height, width)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[:, top : top + new_h, left : left + new_w] = image
+    return canvas
 
 
 def scheduler_with_shift(scheduler, shift: float):

@@ -33,11 +33,10 @@ import os
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers import WanPipeline
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, batch_prompts
+from ipro.models.base import Condition, batch_prompts, fit_on_white, subjects_per_video
 from ipro.models.registry import register_family
 from ipro.models.wan import WanModel
 
@@ -109,14 +108,8 @@ class PhantomWan(WanModel):
 
     def _subject_canvas(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(3, h, w) in [0, 1] -> (3, H, W) in [0, 1]: scaled to fit, centred on white (Phantom's load_ref_images)."""
-        image = image.to(self.device, torch.float32)[None]
-        scale = min(height / image.shape[-2], width / image.shape[-1])
-        new_h, new_w = max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))
-        image = F.interpolate(image, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
-        canvas = image.new_ones(3, height, width)
-        top, left = (height - new_h) // 2, (width - new_w) // 2
-        canvas[:, top : top + new_h, left : left + new_w] = image
-        return canvas
+        image = image.to(self.device, torch.float32)
+        return fit_on_white(image, height, width, mode="bicubic", antialias=True, round_size=True).clamp(0, 1)
 
     def prepare_condition(
         self,
@@ -136,15 +129,7 @@ class PhantomWan(WanModel):
         b = images.shape[0]
         prompts = batch_prompts(prompts, b)
         r = self.num_subject_images
-        subjects = [] if subject_images is None else list(subject_images)
-        if len(subjects) == 1 and b > 1:
-            subjects = subjects * b
-        if len(subjects) != b or any(len(subj) != r for subj in subjects):
-            got = sorted({len(subj) for subj in subjects}) if subjects else [0]
-            raise IproError(
-                f"subject_images: got {'/'.join(map(str, got))} per video for {b} videos, but the model was loaded with "
-                f"num_subject_images={r}; pass that many per video, or load with num_subject_images=<count>"
-            )
+        subjects = subjects_per_video(subject_images, b, r)
         canvases = torch.stack([self._subject_canvas(img, height, width) for subj in subjects for img in subj])
         latents = self.encode_video(canvases[:, :, None])  # (B*R, C, 1, h, w), each image its own latent frame
         latents = latents.unflatten(0, (b, r)).squeeze(3).transpose(1, 2)  # (B, C, R, h, w), in the given order

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import WanVACEPipeline
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, batch_prompts
+from ipro.models.base import Condition, batch_prompts, fit_on_white, subjects_per_video
 from ipro.models.registry import register_family
 from ipro.models.wan import WanModel
 
@@ -100,14 +100,8 @@ class WanVACE(WanModel):
 
     def _subject_canvas(self, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(3, h, w) in [0, 1] -> (3, H, W) in [-1, 1]: scaled to fit, centred on white (as diffusers does)."""
-        image = image.to(self.device, torch.float32)[None] * 2 - 1
-        scale = min(height / image.shape[-2], width / image.shape[-1])
-        new_h, new_w = int(image.shape[-2] * scale), int(image.shape[-1] * scale)
-        image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-        canvas = image.new_ones(3, height, width)
-        top, left = (height - new_h) // 2, (width - new_w) // 2
-        canvas[:, top : top + new_h, left : left + new_w] = image
-        return canvas
+        image = image.to(self.device, torch.float32) * 2 - 1
+        return fit_on_white(image, height, width, mode="bilinear", antialias=False, round_size=False)
 
     def prepare_condition(
         self,
@@ -130,17 +124,7 @@ class WanVACE(WanModel):
         b = images.shape[0]
         prompts = batch_prompts(prompts, b)
         r = self.num_subject_images
-        subjects = [] if subject_images is None else list(subject_images)
-        if len(subjects) == 1 and b > 1:
-            subjects = subjects * b
-        if subjects and len(subjects) != b:
-            raise IproError(f"subject_images: got subject images for {len(subjects)} videos, but {b} images")
-        if any(len(subj) != r for subj in subjects) or (r > 0 and not subjects):
-            got = sorted({len(subj) for subj in subjects}) if subjects else [0]
-            raise IproError(
-                f"subject_images: got {'/'.join(map(str, got))} per video, but the model was loaded with "
-                f"num_subject_images={r}; pass that many per video, or load with num_subject_images=<count>"
-            )
+        subjects = subjects_per_video(subject_images, b, r)
 
         images = images.to(self.device, torch.float32)
         if tuple(images.shape[-2:]) != (height, width):
