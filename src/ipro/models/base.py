@@ -250,6 +250,25 @@ class VideoModel:
         else:
             yield
 
+    def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=()) -> None:
+        raise NotImplementedError
+
+    def merge_lora(self, transformer: torch.nn.Module, path: str | Path, what: str = "LoRA") -> None:
+        raise NotImplementedError
+
+    def start_finetuning(self, finetune: str | None, lora: str | Path | None = None, rank: int = 16,
+                         alpha: float | None = None, targets=()) -> None:
+        """What `from_pretrained` does for every family: full fine-tuning starts from the base
+        weights with `lora` merged in; LoRA fine-tuning starts its adapter from `lora` (resume,
+        init_lora) or from zero; inference (None) loads `lora` as a frozen adapter."""
+        if finetune not in (None, "lora", "full"):
+            raise IproError(f"finetune={finetune!r}: use 'lora', 'full' or None")
+        if lora is not None and finetune == "full":
+            self.merge_lora(self.trainable_module, lora)
+        self.setup_finetuning(finetune, rank=rank, alpha=alpha, targets=targets)
+        if lora is not None and finetune != "full":
+            self.load_lora(lora)
+
     def save_lora(self, directory: str | Path) -> Path:
         raise NotImplementedError
 
@@ -333,3 +352,14 @@ def quiet_loading() -> Iterator[None]:
             dlog.enable_progress_bar()
         if t_bar:
             tlog.enable_progress_bar()
+
+
+@contextmanager
+def loading_components(path: Path) -> Iterator[None]:
+    """`quiet_loading`, and any error the libraries raise for a broken folder as one line naming it."""
+    try:
+        with quiet_loading():
+            yield
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise IproError(f"{path}: could not load the model ({reason}); re-download or rebuild the folder") from None

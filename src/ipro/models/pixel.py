@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ipro.errors import IproError
-from ipro.models.base import Condition, VideoModel, quiet_loading
+from ipro.models.base import Condition, VideoModel, loading_components, quiet_loading
 from ipro.models.registry import read_model_index, register_family
 from ipro.models import lora as adapters
 from ipro.models.lora import DEFAULT_LORA_TARGETS
@@ -158,21 +158,11 @@ class PixelI2V(VideoModel):
         read_model_index(path)
         if lightning is not None:
             raise IproError(f"{cls.family}: has no distilled Lightning LoRA; drop --lightning / model.lightning_lora")
-        if finetune not in (None, "lora", "full"):
-            raise IproError(f"finetune={finetune!r}: use 'lora', 'full' or None")
-        try:
-            with quiet_loading():
-                transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype or torch.float32)
-                scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise IproError(f"{path}: could not load the model ({reason}); rebuild the folder") from None
+        with loading_components(path):
+            transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype or torch.float32)
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         model = cls(transformer, scheduler)
-        if lora is not None and finetune == "full":
-            adapters.merge_lora(model.transformer, lora, _pipeline_class())
-        model.setup_finetuning(finetune, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
-        if lora is not None and finetune != "full":
-            model.load_lora(lora)
+        model.start_finetuning(finetune, lora, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         return model.to(device)
@@ -251,6 +241,9 @@ class PixelI2V(VideoModel):
         if self.finetune != "lora":
             raise ValueError("save_lora needs a model loaded with finetune='lora'")
         return adapters.save_lora(self.transformer, directory, _pipeline_class())
+
+    def merge_lora(self, transformer: torch.nn.Module, path: str | Path, what: str = "LoRA") -> None:
+        adapters.merge_lora(transformer, path, _pipeline_class(), what)
 
     def load_lora(self, path: str | Path) -> None:
         """Load LoRA weights: into the trained adapter (finetune='lora'), else as a frozen adapter."""

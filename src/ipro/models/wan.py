@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ipro.errors import IproError
 from ipro.models import lora as adapters
-from ipro.models.base import Condition, VideoModel, batch_prompts, quiet_loading, scheduler_with_shift
+from ipro.models.base import Condition, VideoModel, batch_prompts, loading_components, quiet_loading, scheduler_with_shift
 from ipro.models.lora import ADAPTER, DEFAULT_LORA_TARGETS
 from ipro.models.offload import offload_blockwise
 from ipro.models.registry import read_model_index, register_family
@@ -80,25 +80,16 @@ class WanModel(WanEncoders, VideoModel):
         for name, spec in model_index.items():
             if isinstance(spec, list) and spec and spec[0] is not None and not (path / name).is_dir():
                 raise IproError(f"{path / name}: missing; model_index.json lists component '{name}'")
-        if finetune not in (None, "lora", "full"):
+        if finetune not in (None, "lora", "full"):  # before minutes of loading
             raise IproError(f"finetune={finetune!r}: use 'lora', 'full' or None")
-        dtype = dtype or torch.float32
-        try:
-            with quiet_loading():
-                vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
-                pipe = cls.pipeline_class.from_pretrained(path, vae=vae, torch_dtype=dtype)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-            raise IproError(f"{path}: could not load the model ({reason}); re-download or rebuild the folder") from None
+        with loading_components(path):
+            vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+            pipe = cls.pipeline_class.from_pretrained(path, vae=vae, torch_dtype=dtype or torch.float32)
         pipe.set_progress_bar_config(disable=True)
         model = cls(pipe)
         if lightning is not None:
             model.merge_lightning(lightning, steps=lightning_steps, shift=lightning_shift)
-        if lora is not None and finetune == "full":
-            model.merge_lora(model.trainable_module, lora)  # full fine-tuning starts from base + LoRA
-        model.setup_finetuning(finetune, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
-        if lora is not None and finetune != "full":
-            model.load_lora(lora)
+        model.start_finetuning(finetune, lora, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
         if gradient_checkpointing and model.finetune is not None:
             model.trainable_module.enable_gradient_checkpointing()  # the frozen expert keeps no activations
         model.offload_frozen = offload_frozen_expert
