@@ -28,6 +28,6 @@ def same_person_threshold(recognizer: str) -> float:
         if name.startswith(prefix):
             return threshold
     raise IproError(
-        f"recognizer '{recognizer}': no same-person threshold is known for it; pass one explicitly "
-        f"(known: {', '.join(SAME_PERSON)})"
+        f"recognizer '{recognizer}': no identity threshold (same-person cosine) is known for it; pass "
+        f"identity_threshold= explicitly (known recognizers: {', '.join(SAME_PERSON)})"
     )
