@@ -51,6 +51,7 @@ def test_a_typo_is_still_an_unknown_key():
         load_config(None, {"method": "grpo", "data.dataset": "x", "sampler.grad_step": 2})
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_grpo_config_with_grad_steps_is_one_line_from_the_cli(tmp_path):
     path = tmp_path / "grpo.yaml"
     path.write_text(f"method: grpo\ndata: {{dataset: x}}\nsampler: {{num_steps: 4, grad_steps: 2}}\n"
@@ -81,6 +82,7 @@ def test_print_config_prints_one_methods_keys(method, sections, sampler, comment
                                                    for k, v in sec.items()}}) == load_config(None, {"method": method, "data.dataset": "x"})
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_print_config_method_from_the_cli():
     out = subprocess.run([IPRO, "train", "--print-config", "--method", "grpo"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == describe_defaults("grpo"), out.stderr

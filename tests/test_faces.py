@@ -173,6 +173,7 @@ def ipro_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=None)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_cli_faces_json_and_compare(tmp_path):
     from ipro.data.footage import astronaut_path, carphone_path
     from ipro.data.video import read_video, write_video
@@ -195,6 +196,7 @@ def test_cli_faces_json_and_compare(tmp_path):
     assert sim[1, 2] > sim[0, 1] + 0.05 and sim[1, 2] > sim[0, 2] + 0.05
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_cli_faces_table_and_bad_paths(tmp_path):
     from ipro.data.footage import astronaut_path
 

@@ -179,6 +179,7 @@ def test_ten_steps_raise_the_face_reward_of_the_base_model(dataset, tmp_path):
     assert float((after - before).mean()) > 0.010, (before, after)
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 @pytest.mark.skipif(_base_model() is None, reason="the embedded base model (ipro/assets/base-model) is not in this checkout")
 def test_base_model_faces_give_real_advantages(dataset, tmp_path):
     """The embedded base model makes faces: every sample gets a face-pool reward, groups
@@ -225,6 +226,7 @@ def test_no_reward_to_optimize_is_a_clear_error(dataset, tmp_path):
         GRPOTrainer(config(dataset, tmp_path, **{"grpo.face_reward_weight": 0.0}))
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_cli_trains_grpo_from_the_preset(dataset, tmp_path):
     out = tmp_path / "run"
     sets = [f"data.dataset={dataset}", "data.height=64", "data.width=64", "optim.steps=1", f"run.output_dir={out}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -139,6 +140,51 @@ def test_every_wan_preset_plans_under_80gb_or_states_its_gpus(preset):
         assert f"FSDP2 on {gpus} GPUs" in text  # the preset says how many GPUs it needs
 
 
+def test_activations_wait_on_the_cpu_and_weights_stay():
+    """model.offload_activations: inside ActivationsOnCPU the checkpointed block inputs leave the
+    device after the forward and come back for backward; weights are never copied; gradients
+    are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ipro.models.offload import ActivationsOnCPU
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+
+    def run(model, x):
+        h = x
+        for _ in range(8):
+            h = checkpoint(model, h, use_reentrant=False)
+        return h
+
+    live, weights = {}, {}
+    meta_net = copy.deepcopy(net).to("meta")
+    x = torch.empty(512, 256, device="meta", requires_grad=True)
+    for offload in (False, True):
+        with LiveMemory() as mem:
+            weights[offload] = mem.hold(meta_net.parameters())
+            with ActivationsOnCPU(keep=meta_net) if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                out = run(meta_net, x)
+            live[offload] = mem.live - weights[offload]  # what waits for backward on the device
+            out.sum().backward()
+        del out
+        x.grad = None
+    one_input = 512 * 256 * 4
+    assert live[False] >= 8 * one_input  # the 8 checkpointed block inputs stay on the device
+    assert live[True] <= 2 * one_input  # only the output (and its sum) are left
+    # On real tensors the gradients are the same (here on the CPU, nothing has to move).
+    xr = torch.randn(16, 256, requires_grad=True)
+    grads = []
+    for offload in (False, True):
+        net.zero_grad()
+        xr.grad = None
+        with ActivationsOnCPU(keep=net) if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            run(net, xr).square().sum().backward()
+        grads.append([xr.grad.clone()] + [p.grad.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_plan_names_unknown_arch_in_one_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("method: ipro\nmodel:\n  path: /nowhere/my-model\ndata:\n  dataset: x\n")
@@ -148,6 +194,7 @@ def test_plan_names_unknown_arch_in_one_line(tmp_path):
     assert "\n" not in line and "model.path" in line and "--arch" in line
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_train_refuses_a_step_that_does_not_fit(tmp_path):
     """`ipro train` plans before any compute and refuses in one line that names a knob."""
     cfg = tmp_path / "c.yaml"

@@ -240,6 +240,7 @@ def test_bad_inputs_are_rejected_and_the_rest_kept(tmp_path):
     assert not (out / "items" / "empty").exists()
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_usage_errors_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("frames: 17\nfrobnicate: 3\n")
@@ -385,6 +386,7 @@ def copies_of_carphone(folder: Path, n: int) -> None:
         shutil.copy(carphone_path(), folder / f"take{i}.mp4")
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_killed_run_resumes_to_the_same_manifest(tmp_path):
     inp = tmp_path / "in"
     copies_of_carphone(inp, 4)

@@ -163,6 +163,7 @@ def test_split_keeps_each_group_on_one_side(pairs_dir):
     assert split_pairs(pairs, 0.4, seed=1) == (train, held)  # seeded
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_cli_bad_annotation_is_one_line_exit_2(tmp_path):
     path = tmp_path / "ann.jsonl"
     path.write_text('{"video_a": 1}\n')
@@ -226,6 +227,7 @@ def _cli(*args: str) -> list[str]:
     return [IPRO, "reward-model", *args]
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_cli_pairs_train_eval_score(tmp_path, pairs_dir):
     data = pairs_dir.parent / "data"
     out = subprocess.run(_cli("pairs", str(data), "--out", str(tmp_path / "pairs"), "--kinds", "swap,flicker", "--variants", "1",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import ast
 import subprocess
 import sys
@@ -91,6 +93,7 @@ def test_imports_form_no_cycle():
     assert cycles(graph) == []
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 def test_every_module_imports_first():
     """Each module imported first, in an interpreter where no other ipro module is loaded
     (torch and the other libraries stay loaded between modules, to keep it quick)."""

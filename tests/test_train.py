@@ -37,6 +37,7 @@ def trainable(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.named_params.items()}
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_bad_config_is_rejected_before_compute(tmp_path):
     cases = {
         "optim: {lrr: 0.1}\ndata: {dataset: x}\n": "unknown key 'optim.lrr'",
@@ -54,6 +55,7 @@ def test_bad_config_is_rejected_before_compute(tmp_path):
         assert not (tmp_path / f"out{i}").exists()  # nothing was computed or written
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_print_config_lists_documented_defaults():
     out = subprocess.run([IPRO, "train", "--print-config"], capture_output=True, text=True)
     assert out.returncode == 0

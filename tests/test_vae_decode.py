@@ -106,6 +106,7 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 def test_runs_on_meta_and_keeps_a_small_share_of_the_naive_decode():
     from diffusers import AutoencoderKLWan
 

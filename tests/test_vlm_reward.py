@@ -93,6 +93,7 @@ def test_grpo_trains_against_the_vlm_reward(trained, dataset, tmp_path):
     assert np.isfinite(logs["reward/identity_vlm/raw"]) and logs["valid_fraction"] == 1.0
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, or many: the fast subset stays under 3 minutes
 def test_cli_trains_and_scores_with_the_vlm_backbone(tiny_vlm, pairs_dir, tmp_path):
     import json
     import subprocess

@@ -39,6 +39,8 @@ def variants(cfg, plan) -> list[tuple[str, dict]]:
         out.append(("model.gradient_checkpointing=true", {"model.gradient_checkpointing": True}))
     if m.decode_tile is None and plan.family != "pixel-i2v":
         out.append(("model.decode_tile=256", {"model.decode_tile": 256}))
+    if cfg.method == "ipro" and not m.offload_activations:  # keeps the method as it is: tried first
+        out.append(("model.offload_activations=true", {"model.offload_activations": True}))
     if plan.family == "wan2.2-i2v-a14b" and not m.offload_frozen_expert:
         out.append(("model.offload_frozen_expert=true", {"model.offload_frozen_expert": True}))
     if cfg.method == "ipro" and (r.max_frames or d.num_frames) > 5:

@@ -281,6 +281,7 @@ class Planner:
                     shardable=frozen_trained + 2 * trainable + opt_bytes, largest_block=_block_bytes(trained), notes=notes)
 
     def _ipro_step(self, mem: LiveMemory, cfg, params, optimizer) -> None:
+        from ipro.models.offload import activations_on_cpu
         from ipro.rewards.base import FrameSelection
         from ipro.sampling import sample
         from ipro.train.kl import multistep_kl
@@ -290,8 +291,9 @@ class Planner:
             cond = self._condition(cfg, d.batch_size)
         noise = torch.zeros(model.latent_shape(d.batch_size, d.num_frames, d.height, d.width), device=self.device)
         with mem.phase(f"rollout: {s.num_steps - s.grad_steps} steps without grad, {s.grad_steps} with"):
-            rollout = sample(model, cond, num_steps=s.num_steps, grad_steps=s.grad_steps, guidance_scale=s.guidance_scale,
-                             shift=s.shift, noise=noise)
+            with activations_on_cpu(model, cfg.model.offload_activations):
+                rollout = sample(model, cond, num_steps=s.num_steps, grad_steps=s.grad_steps, guidance_scale=s.guidance_scale,
+                                 shift=s.shift, noise=noise)
         wanted = FrameSelection(stride=cfg.reward.frame_stride, count=cfg.reward.max_frames).indices(d.num_frames)
         with mem.phase(f"decode {len(wanted)} frames with grad"):
             frames = model.decode(rollout.latents, frames=[int(i) for i in wanted])

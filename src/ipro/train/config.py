@@ -40,6 +40,10 @@ class ModelConfig(Section):
         "One path, or for Wan 2.2 A14B one per expert: {high_noise: PATH, low_noise: PATH} (or a list, high-noise first).")
     init_lora: str | None = Field(None, description="Start from this trained LoRA (a folder or .safetensors) instead of a fresh one.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward to save memory.")
+    offload_activations: bool = Field(
+        False, description="IPRO: what autograd saves during the K gradient steps (with gradient checkpointing, one input "
+        "per block and step) waits in CPU memory until backward; weights stay put. For 14B models at 81 frames, where "
+        "those inputs alone exceed one GPU (`ipro plan` shows it); costs a copy to and from the host per step.")
     decode_tile: int | None = Field(
         None, gt=0, description="Spatial tile side in pixels for the differentiable VAE decode (a multiple of the VAE's "
         "spatial factor, at least twice it; tiles overlap by a quarter and are blended); None decodes whole frames.")

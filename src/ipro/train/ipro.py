@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ipro.models.offload import activations_on_cpu
 from ipro.train.kl import multistep_kl
 from ipro.train.trainer import Trainer
 
@@ -32,10 +33,11 @@ class IPROTrainer(Trainer):
         c = self.config
         cond = self.condition(batch)
         k = c.sampler.grad_steps if c.sampler.grad_steps_min is None else (c.sampler.grad_steps_min, c.sampler.grad_steps)
-        rollout = sample(
-            self.model, cond, num_steps=c.sampler.num_steps, grad_steps=k if grad else 0,
-            generator=generator, guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift,
-        )
+        with activations_on_cpu(self.model, c.model.offload_activations):
+            rollout = sample(
+                self.model, cond, num_steps=c.sampler.num_steps, grad_steps=k if grad else 0,
+                generator=generator, guidance_scale=c.sampler.guidance_scale, shift=c.sampler.shift,
+            )
         return cond, rollout
 
     def compute_loss(self, batch: dict, generator: torch.Generator):
