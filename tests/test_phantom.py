@@ -357,7 +357,7 @@ def test_generate_from_two_subject_faces_then_eval(phantom, astronaut, carphone,
     assert video_metrics["name"] == "a+b" and video_metrics["details"]["people_in_input"] == 2  # one per subject image
 
 
-@pytest.mark.slow
+@pytest.mark.real_size  # a real-size plan each (1-3 min): scripts/test.sh --real-size
 @pytest.mark.parametrize("preset", ["phantom-grpo.yaml", "phantom-ipro.yaml"])
 def test_gpu_presets_fit_one_80gb_gpu_by_the_planner(preset):
     """`ipro plan` on the shipped real-size Phantom-Wan 1.3B configs (meta device, no weights)."""

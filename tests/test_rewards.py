@@ -179,6 +179,7 @@ def test_tracking_follows_position_not_looks():
     assert track_faces(torch.tensor([0, 4]), jump[:1].repeat(2, 1)).tolist() == [0, 1]
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 def test_two_people_swap_is_counted_and_costs_reward(embedder, two_people):
     man, woman = two_people
     gt = tile(man, woman)[None]  # man on the left, woman on the right, 9 frames
@@ -216,6 +217,7 @@ def test_unmatched_faces_ignore_or_penalize(embedder, two_people, carphone_pool)
     assert penalize.raw.item() == pytest.approx(ignore.raw.item() / 2, abs=1e-4)
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 def test_a_person_who_vanishes_is_missing_and_penalized(embedder, two_people):
     """Two people in the input; from frame 4 the woman's half is blank. Ignored, the
     man's faces alone keep the reward; penalized, each of those 5 frames averages his

@@ -62,6 +62,7 @@ def test_print_config_lists_documented_defaults():
     assert "grad_steps: 4  # K: the last K steps" in out.stdout and "lr: 2.0e-05" in out.stdout
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 def test_resume_is_exact(dataset, tmp_path):
     from ipro.train.sft import SFTTrainer
 
@@ -162,6 +163,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         SFTTrainer(config(tmp_path / "nothing", tmp_path / "out", method="sft"))
 
 
+@pytest.mark.slow  # keeps the fast subset under 3 minutes
 def test_samples_ema_and_logs(dataset, tmp_path):
     """Sample videos are playable; EMA follows its formula and is checkpointed; CPU peak memory is logged."""
     from ipro.data.video import read_video
