@@ -35,6 +35,15 @@ def astronaut() -> np.ndarray:
     return astronaut()
 
 
+def randomize_lora(model, seed=1, scale=0.1):
+    """peft starts LoRA B at zero (a no-op); give it weights so the adapter changes outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.trainable_module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
     t = torch.from_numpy(np.array(frames, copy=True)).float() / 255.0

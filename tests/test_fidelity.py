@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import to_tensor
+from conftest import to_tensor, randomize_lora
 from ipro.errors import IproError
 from ipro.models import load_model
 from ipro.sampling import sample, sde_sample, sde_step_logprob, sde_transition
@@ -20,15 +20,6 @@ from ipro.train.kl import multistep_kl, sde_kl
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-def randomize_lora(model, seed=1, scale=0.1):
-    """peft starts LoRA B at zero (the identity); give it weights so the adapter changes outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.trainable_module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def prepared(folder, face, **options):

@@ -14,18 +14,11 @@ from ipro.errors import IproError
 from ipro.models import FAMILIES, TINY_FAMILIES, detect_family, load_model
 from ipro.sampling import sample
 
+from conftest import randomize_lora
+
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-def randomize_lora(model, seed=1, scale=0.1):
-    """peft starts LoRA B at zero (a no-op); give it weights so the adapter changes outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.trainable_module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def pipeline_latents(folder, image, steps=4, seed=3, lora=None, two_experts=False):
