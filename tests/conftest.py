@@ -44,6 +44,21 @@ def randomize_lora(model, seed=1, scale=0.1):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def prepared(folder, face, frames=9, size=64, prompt="a man talks on the phone", **options):
+    """A model loaded from `folder` and its condition for the 64 x 64 face fixture (negative prompt for CFG)."""
+    from ipro.models import load_model
+
+    model = load_model(folder, **options)
+    return model, model.prepare_condition(face[1], [prompt], frames, size, size, negative_prompt="blurry")
+
+
+def crop(image: np.ndarray, rows, cols, size) -> np.ndarray:
+    """image[rows, cols] resized to size (w, h) with Lanczos, uint8."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image[rows, cols]).resize(size, Image.Resampling.LANCZOS))
+
+
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [0, 1]."""
     t = torch.from_numpy(np.array(frames, copy=True)).float() / 255.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import to_tensor, randomize_lora
+from conftest import to_tensor, randomize_lora, prepared
 from ipro.errors import IproError
 from ipro.models import load_model
 from ipro.sampling import sample, sde_sample, sde_step_logprob, sde_transition
@@ -20,11 +20,6 @@ from ipro.train.kl import multistep_kl, sde_kl
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-def prepared(folder, face, **options):
-    model = load_model(folder, **options)
-    return model, model.prepare_condition(face[1], [PROMPT], FRAMES, H, W, negative_prompt="blurry")
 
 
 # --- 1. Lightning LoRA: one file per expert, in the layout they are published in ---------

@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ipro.errors import IproError
 from ipro.models import FAMILIES, build_tiny, detect_family, load_model
 from ipro.rewards.base import Normalization, Reward, finish
 from ipro.sampling import sample, sde_sample
+
+from conftest import crop
 
 H = W = 64
 FRAMES = 9  # 3 latent frames
@@ -24,10 +25,6 @@ PROMPT = "a man talks on the phone"
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     return build_tiny("phantom", tmp_path_factory.mktemp("tiny_phantom") / "phantom", seed=0)
-
-
-def crop(astronaut, rows, cols, size):
-    return np.asarray(Image.fromarray(astronaut[rows, cols]).resize(size, Image.Resampling.LANCZOS))
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,11 @@ from PIL import Image
 from ipro.models import load_model
 from ipro.sampling import flow_schedule, sample, sde_sample, sde_step_logprob
 
+from conftest import prepared
+
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
-
-
-def prepared(folder, face, **options):
-    model = load_model(folder, **options)
-    return model, model.prepare_condition(face[1], [PROMPT], FRAMES, H, W, negative_prompt="blurry")
 
 
 @pytest.mark.parametrize("family", ["wan2.1-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b"])

@@ -13,6 +13,8 @@ from ipro.errors import IproError
 from ipro.models import FAMILIES, build_tiny, detect_family, load_model
 from ipro.sampling import sample, sde_sample
 
+from conftest import crop
+
 H = W = 64
 FRAMES = 9
 PROMPT = "a man talks on the phone"
@@ -21,10 +23,6 @@ PROMPT = "a man talks on the phone"
 @pytest.fixture(scope="module")
 def vace(tmp_path_factory):
     return build_tiny("wan-vace", tmp_path_factory.mktemp("tiny_vace") / "wan-vace", seed=0)
-
-
-def crop(astronaut, rows, cols, size):
-    return np.asarray(Image.fromarray(astronaut[rows, cols]).resize(size, Image.Resampling.LANCZOS))
 
 
 @pytest.fixture(scope="module")
