@@ -82,7 +82,6 @@ class Trainer:
         params = self.model.trainable_parameters()
         if not params:
             raise IproError("the model has no trainable parameters; set model.lora_rank > 0 or full fine-tuning")
-        self.named_params = _named(self.model.trainable_module, params)
         opt_cls = torch.optim.AdamW if c.optim.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
 
