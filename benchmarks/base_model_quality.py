@@ -1,0 +1,115 @@
+"""Base-model quality against real held-out clips: the three bars of issue #19, point 1.
+
+Inputs: the demo's held-out carphone clips (frames 80, 88, 96, 103 on, every other
+frame, 128x160x9, `ipro.demo.write_footage`), each animated with 3 seeds (12 videos),
+scored by `ipro eval` next to the real clips themselves (written through the same
+H.264 encoder). Printed, for the model and for the committed `pixel-i2v` (the
+reference, unless the model is that one):
+
+- blockiness (8-px grid energy, `ipro.eval.blockiness`): bar = within 10% of the real
+  clips', i.e. a ratio to real in [0.9, 1.1];
+- motion px (mean top-5% DIS flow per frame pair): bar = ratio to real >= 0.6;
+- FaceSim fall (first quarter minus last quarter of the clip, vs the input face): bar =
+  at least half of the committed model's fall, with faces found in >= 90% of frames.
+
+Generated videos and eval results are kept under --work (a rerun reuses them; delete a
+model's folder there after retraining it).
+
+    python benchmarks/base_model_quality.py [MODEL_DIR ...] [--work DIR] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METRICS = ("blockiness", "motion_px", "face_sim_fall", "face_coverage", "face_sim", "dynamic_degree")
+
+
+def heldout_inputs(work: Path) -> Path:
+    """The demo's carphone held-out items (name_sSEED.png + its real clip name_sSEED.mp4)."""
+    from ipro.demo import write_footage
+
+    _, heldout = write_footage(work / "footage")
+    inputs = work / "inputs"
+    if not inputs.is_dir():
+        inputs.mkdir(parents=True)
+        for f in heldout.glob("carphone_*"):
+            shutil.copy(f, inputs / f.name)
+    return inputs
+
+
+def scores(videos: Path, inputs: Path, out: Path, evaluator) -> dict:
+    """Mean of each metric over the videos (a cached eval when out/metrics.json exists)."""
+    from ipro.eval import evaluate, load_run
+
+    result = load_run(out) if (out / "metrics.json").is_file() else evaluate(videos, inputs, out, evaluator=evaluator)
+    return {k: result["aggregate"][k]["mean"] for k in METRICS}
+
+
+def generated(model_dir: Path, inputs: Path, out: Path, steps: int) -> Path:
+    from ipro.demo import HEIGHT, NUM_FRAMES, WIDTH, seed_of
+    from ipro.generate import generate
+    from ipro.models import load_model
+
+    images = sorted(inputs.glob("*.png"))
+    if not all((out / f"{p.stem}.mp4").is_file() for p in images):
+        generate(load_model(model_dir), images, out, seeds=[seed_of(p.stem) for p in images], num_frames=NUM_FRAMES,
+                 height=HEIGHT, width=WIDTH, steps=steps, fps=16, overwrite=False)
+    return out
+
+
+def bars(model: dict, real: dict, reference: dict) -> dict:
+    """Each bar as a ratio and whether it is met."""
+    block = model["blockiness"] / real["blockiness"]
+    motion = model["motion_px"] / real["motion_px"]
+    fall = model["face_sim_fall"] / reference["face_sim_fall"] if reference["face_sim_fall"] else float("nan")
+    return {
+        "blockiness / real": (block, abs(block - 1) <= 0.1),
+        "motion / real": (motion, motion >= 0.6),
+        "FaceSim fall / committed": (fall, fall >= 0.5 and model["face_coverage"] >= 0.9),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="*", default=["builtin"], help="model folders (default: the committed pixel-i2v)")
+    parser.add_argument("--work", default="/tmp/ipro-base-model-quality", help="where videos and eval results are kept")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from ipro.eval import Evaluator
+    from ipro.models import resolve_model_path
+
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    inputs = heldout_inputs(work)
+    evaluator = Evaluator()
+    real = scores(inputs, inputs, work / "eval" / "real", evaluator)
+    builtin = resolve_model_path("builtin", work)
+    models = {"committed": builtin, **{Path(m).name: resolve_model_path(m, work) for m in args.models if m != "builtin"}}
+    rows = {}
+    for name, path in models.items():
+        slug = f"{name}-{args.steps}steps"
+        videos = generated(path, inputs, work / "videos" / slug, args.steps)
+        rows[name] = scores(videos, inputs, work / "eval" / slug, evaluator)
+    print(f"held-out carphone clips, 12 videos (4 inputs x 3 seeds), 128x160x9, {args.steps} steps; "
+          f"{(time.perf_counter() - t0) / 60:.1f} min")
+    print("| model | " + " | ".join(METRICS) + " | blockiness / real | motion / real | FaceSim fall / committed |")
+    print("|---" * (len(METRICS) + 4) + "|")
+    print("| real clips | " + " | ".join(f"{real[k]:.4f}" for k in METRICS) + " | 1 | 1 | - |")
+    for name, row in rows.items():
+        met = bars(row, real, rows["committed"])
+        cells = [f"{v:.3f} ({'met' if ok else 'not met'})" for v, ok in met.values()]
+        print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " | " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
