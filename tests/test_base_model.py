@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import ipro.cli.generate  # noqa: F401  (registers the command on the app)
+import ipro.cli.train  # noqa: F401
 from ipro.cli.main import app
 from ipro.data.video import read_video, write_image
 from ipro.errors import IproError
@@ -169,3 +172,137 @@ def test_ipro_generate_with_the_base_model_and_a_lora(carphone, tmp_path):
     frames, _ = read_video(tmp_path / "out" / "carphone.mp4")
     assert frames.shape == (5, 64, 80, 3)
     assert json.loads((tmp_path / "out" / "carphone.json").read_text())["family"] == "pixel-i2v"
+
+
+# --- How it is trained: `method: pretrain` (configs/base-model.yaml) ----------------------
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "base-model.yaml"
+# A tiny model on tiny clips: the recipe's code path in seconds.
+TINY = {"model.architecture": {"dim": 16, "layers": 1, "heads": 1, "ffn": 32}, "data.height": 32, "data.width": 40,
+        "data.num_frames": 5, "data.batch_size": 2, "optim.lr": 2e-3, "optim.warmup_steps": 2, "run.log_with": [],
+        "run.log_every": 1, "pretrain.held_out_every": 2, "pretrain.evaluate_faces": False, "run.device": "cpu"}
+
+
+def tiny_config(out, **overrides):
+    from ipro.train.config import load_config
+
+    return load_config(PRESET, {**TINY, "run.output_dir": str(out), **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_clips():
+    from ipro.data.base_clips import BaseClips
+
+    return BaseClips(32, 40, 5)
+
+
+def test_the_preset_is_the_committed_models_recipe_and_bad_keys_are_refused(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from ipro.models.pixel import default_transformer_config
+    from ipro.train.config import load_config
+
+    cfg = load_config(PRESET)
+    assert type(cfg).__name__ == "PretrainConfig" and cfg.model.path == "new:pixel-i2v" and cfg.run.seed == 0
+    committed = WanTransformer3DModel.load_config(BUILTIN_PATH / "transformer")
+    built = default_transformer_config(**cfg.model.architecture.model_dump())
+    assert all(committed[k] == (list(v) if isinstance(v, tuple) else v) for k, v in built.items())
+    assert json.loads((BUILTIN_PATH / "scheduler" / "scheduler_config.json").read_text())["shift"] == cfg.model.shift
+    o, d = cfg.optim, cfg.data
+    assert (o.optimizer, o.lr, o.weight_decay, o.betas, o.steps, o.warmup_steps, o.lr_cosine_to, o.ema_decay, o.mixed_precision) == \
+        ("adamw", 5e-4, 0.01, (0.9, 0.99), 2800, 100, 0.1, 0.998, "bf16")
+    assert (d.height, d.width, d.num_frames, d.batch_size) == (128, 160, 9, 4)
+    refused = {
+        "'data.dataset' is not a setting of method 'pretrain'": {"data.dataset": "runs/data"},
+        "'model.lora_rank' is not a setting of method 'pretrain'": {"model.lora_rank": 8},
+        "'sampler' is not a section of method 'pretrain'": {"sampler": {"num_steps": 4}},
+        "model.architecture: only for a new model": {"model.path": "builtin"},
+        "only 'new:pixel-i2v'": {"model.path": "new:wan2.1-i2v"},
+        "heads (5) must divide": {"model.architecture.heads": 5},
+        "pretrain.held_out_every (500) must be a multiple of run.log_every (3)": {"run.log_every": 3},
+        "data.num_frames must be 4k+1": {"data.num_frames": 11},
+    }
+    for message, overrides in refused.items():
+        with pytest.raises(IproError, match=re.escape(message)):
+            load_config(PRESET, overrides)
+    with pytest.raises(IproError, match=re.escape("'pretrain' is not a section of method 'ipro' (only of 'pretrain')")):
+        load_config("configs/tiny-cpu-ipro.yaml", {"pretrain.held_out_every": 10})
+    with pytest.raises(IproError, match=re.escape("'model.architecture' is not a setting of method 'sft'")):
+        load_config("configs/tiny-cpu-sft.yaml", {"model.architecture.dim": 64})
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch rms_norm under autocast
+def test_pretrain_resumes_exactly_and_saves_its_ema_as_a_loadable_model(tiny_clips, tmp_path):
+    from safetensors.torch import load_file
+
+    from ipro.train.pretrain import PretrainTrainer
+
+    settings = {"optim.steps": 4, "run.checkpoint_every": 2, "optim.ema_decay": 0.9}
+    straight = PretrainTrainer(tiny_config(tmp_path / "straight", **settings), dataset=tiny_clips)
+    start = {k: p.detach().clone() for k, p in straight.named_params.items()}
+    straight.train()
+    killed = PretrainTrainer(tiny_config(tmp_path / "killed", **settings), dataset=tiny_clips)
+    killed.step()
+    killed.step()
+    killed.save()  # what run.checkpoint_every = 2 leaves behind a kill after step 2
+    resumed = PretrainTrainer(tiny_config(tmp_path / "killed", **settings), dataset=tiny_clips)
+    resumed.train(resume=True)
+    assert resumed.global_step == 4
+    assert any(not torch.equal(start[k], p) for k, p in straight.named_params.items())  # it trained
+    for k, p in straight.named_params.items():
+        assert torch.equal(p, resumed.named_params[k]) and torch.equal(straight.ema[k], resumed.ema[k]), k
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "logs.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "held_out_loss" in row] == [2, 4]
+    # The saved folder holds the EMA weights and loads as the family's model, which generates.
+    saved = load_file(tmp_path / "straight" / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == straight.ema.keys() and all(torch.equal(saved[k], straight.ema[k]) for k in saved)
+    saved_after_resume = load_file(tmp_path / "killed" / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in saved_after_resume.items())
+    model = load_model(tmp_path / "straight" / "model")
+    assert detect_family(tmp_path / "straight" / "model") == "pixel-i2v"
+    image = tiny_clips.clip(torch.Generator().manual_seed(5))[:1]
+    video = model.decode(sample(model, model.prepare_condition(image, [""], 5, 32, 40), 2, seed=0).latents)
+    assert video.shape == (1, 5, 3, 32, 40) and torch.isfinite(video).all()
+    assert torch.allclose(video[0, 0], image[0], atol=1e-5)
+
+
+@pytest.mark.slow  # 60 steps at 32x40: about 15 s on one thread
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_ipro_train_pretrain_lowers_the_loss_on_real_clips(tiny_clips, tmp_path):
+    from ipro.train.pretrain import x0_loss
+
+    sets = {**TINY, "model.architecture": {"dim": 32, "layers": 1, "heads": 1, "ffn": 64}, "data.batch_size": 4,
+            "optim.steps": 60, "optim.warmup_steps": 5, "optim.ema_decay": None, "run.checkpoint_every": 30,
+            "run.log_every": 10, "pretrain.held_out_every": 30, "run.log_with": ["tensorboard"], "run.output_dir": str(tmp_path)}
+    args = ["train", "-c", str(PRESET), *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"model: {tmp_path / 'model'}" in result.output
+    assert list(tmp_path.rglob("events.out.tfevents*"))  # TensorBoard, like every method
+    logged = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "held_out_loss" in row] == [30, 60]
+    trained = load_model(tmp_path / "model")
+    start = load_model(tmp_path / "model")  # a new model's prediction: the first frame, unchanged
+    with torch.no_grad():
+        start.transformer.proj_out.weight.zero_()
+        start.transformer.proj_out.bias.zero_()
+    g = torch.Generator().manual_seed(99)  # fresh clips from the training footage
+    clips = torch.stack([tiny_clips.clip(g) for _ in range(16)])
+    noise = torch.randn(trained.latent_shape(16, 5, 32, 40), generator=torch.Generator().manual_seed(1234))
+    # At high noise the best prediction is a blurred mean, which takes far longer to learn; at
+    # sigma <= 0.5 a few steps already use what x_t shows of the clip.
+    for sigma in (0.1, 0.25, 0.5):
+        s = torch.full((16,), sigma)
+        with torch.no_grad():
+            assert float(x0_loss(trained, clips, s, noise)) < 0.99 * float(x0_loss(start, clips, s, noise)), sigma
+
+
+@pytest.mark.slow  # about 20 s: 5 videos and MTCNN + dlib on 45 frames
+def test_face_evaluation_of_the_committed_model(base):
+    from ipro.train.pretrain import evaluate_faces
+
+    report = evaluate_faces(base, seeds=(0,), steps=(4,))
+    real, generated = report["real_clips"], report["4_steps"]
+    assert real["detection_rate"] == 1.0 and real["facesim"] > 0.97
+    assert generated["detection_rate"] >= 0.8 and 0.9 < generated["facesim"] < real["facesim"]
+    assert set(generated["facesim_per_input"]) == {"carphone_80", "carphone_88", "carphone_96", "carphone_103", "astronaut"}

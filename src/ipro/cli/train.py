@@ -1,4 +1,5 @@
-"""`ipro train`: fine-tune an I2V model with IPRO, Identity-GRPO or the SFT baseline from a YAML config."""
+"""`ipro train`: fine-tune an I2V model with IPRO, Identity-GRPO or the SFT baseline, or train a base
+model (pretrain), from a YAML config."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ipro.cli.app import app
 @app.command("train")
 def train_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/ for presets)."),
-    method: Optional[str] = typer.Option(None, help="Override the config's method: ipro | grpo | sft (each method has its own "
+    method: Optional[str] = typer.Option(None, help="Override the config's method: ipro | grpo | sft | pretrain (each method has its own "
                                          "keys; with --print-config: whose keys to print, default ipro)."),
     resume: Optional[str] = typer.Option(
         None, help="Resume: 'latest' for the newest checkpoint in run.output_dir, or a checkpoint-<step> folder."
@@ -28,7 +29,8 @@ def train_command(
 ) -> None:
     """Fine-tune with IPRO (reward feedback through the last K sampler steps plus a multi-step KL),
     Identity-GRPO (--method grpo: group rollouts with the SDE sampler, clipped policy update)
-    or the SFT baseline (--method sft).
+    or the SFT baseline (--method sft); or train a base model in full on footage that ships
+    in packages (method: pretrain, e.g. configs/base-model.yaml: the embedded model's recipe).
 
     The config is one class per method (its `method` key): a key of another method is refused,
     naming it. It is validated before any compute, and on a GPU the step's planned peak memory
@@ -46,7 +48,7 @@ def train_command(
     if method:
         overrides["method"] = method
     cfg = load_config(config, overrides)
-    if not no_memory_check and cfg.method != "sft":
+    if not no_memory_check and cfg.method in ("ipro", "grpo"):  # what `ipro plan` traces
         from ipro.cli.plan import check_fits, gpu_budget, parse_memory
 
         found = gpu_budget() if cfg.run.device != "cpu" else None  # a run forced onto the CPU needs no GPU check
@@ -59,6 +61,8 @@ def train_command(
     logs = trainer.train(resume=True if resume == "latest" else (resume or False))
     if trainer.accelerator.is_main_process:
         typer.echo(f"done: {trainer.global_step} steps; checkpoints in {cfg.run.output_dir}")
+        if cfg.method == "pretrain":
+            typer.echo(f"  model: {trainer.model_dir}")
         for key in ("loss", "reward", "kl"):
             if key in logs:
                 typer.echo(f"  final {key}: {logs[key]:.5g}")

@@ -3,8 +3,10 @@
 Loaded from YAML before any compute. An unknown key or a wrong type is a one-line
 error naming the key (`ipro train --print-config --method M` shows every field with its
 default and meaning). The config is one class per method, chosen by its `method` key:
-every method has model, data, sampler, reward, optim and run; IPRO adds kl (and K in
-sampler, the reward weight in reward), GRPO adds grpo (and sampler.noise), SFT adds sft.
+every method has model, data, optim and run. The fine-tuning methods add sampler and
+reward; IPRO adds kl (and K in sampler, the reward weight in reward), GRPO adds grpo (and
+sampler.noise), SFT adds sft. Pretraining has its own model (a new model's architecture)
+and data (footage that ships in packages) sections and adds pretrain.
 A key of another method is refused, naming the method it belongs to.
 """
 
@@ -162,6 +164,8 @@ class OptimConfig(Section):
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimizer step (effective batch = batch_size x grad_accum x processes).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
+    lr_cosine_to: float | None = Field(None, ge=0, le=1, description="After warm-up, decay the learning rate along a cosine "
+                                       "to this fraction of optim.lr at the last step; None keeps it constant.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the trainable parameters with this decay; None disables.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
 
@@ -185,6 +189,60 @@ class SFTSection(Section):
         0.1, ge=0, description="SFT baseline: weight w of the face identity loss beside the diffusion loss, "
         "loss = ||v - v_target||^2 - w * normalized R_face(decoded x0 prediction) (the paper's SFT adds a face loss; "
         "it gives no weight, so the default is IPRO's reward.weight on the same score). 0: diffusion loss only.")
+
+
+class ArchitectureConfig(Section):
+    """The transformer of a new pixel-i2v model (defaults: the embedded base model's)."""
+
+    dim: int = Field(192, ge=8, description="Transformer width (heads x head dimension).")
+    layers: int = Field(4, ge=1, description="Transformer blocks.")
+    heads: int = Field(6, ge=1, description="Attention heads; must divide dim.")
+    ffn: int = Field(768, ge=1, description="Hidden width of each block's feed-forward layer.")
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.dim % self.heads:
+            raise ValueError(f"model.architecture.heads ({self.heads}) must divide model.architecture.dim ({self.dim})")
+        return self
+
+
+class PretrainModelConfig(Section):
+    path: str = Field("new:pixel-i2v", description="'new:pixel-i2v' builds a new model from model.architecture and "
+                      "model.shift (random weights, change head at zero); a model folder (or 'builtin') trains on from its weights.")
+    architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig, description="A new model's transformer.")
+    shift: float = Field(2.0, gt=0, description="A new model's scheduler shift: the sampler's schedule and the distribution "
+                         "of training noise levels (a folder's model keeps its scheduler's).")
+
+    @model_validator(mode="after")
+    def _new_or_folder(self):
+        if self.path.startswith("new:") and self.path != "new:pixel-i2v":
+            raise ValueError(f"model.path {self.path!r}: only 'new:pixel-i2v' can be built from an architecture; pass a model folder to train one on")
+        given = {"architecture", "shift"} & self.model_fields_set
+        if not self.path.startswith("new:") and given:
+            raise ValueError(f"model.{sorted(given)[0]}: only for a new model (model.path: new:pixel-i2v); the folder "
+                             f"{self.path!r} brings its own; remove the key")
+        return self
+
+
+class PretrainDataConfig(Section):
+    height: int = Field(128, ge=8, description="Clip height in pixels (a multiple of 8 for pixel-i2v).")
+    width: int = Field(160, ge=8, description="Clip width in pixels (a multiple of 8 for pixel-i2v).")
+    num_frames: int = Field(9, ge=5, le=17, description="Frames per clip; 4k+1 (the held-out carphone frames 80-119 taken every other frame hold at most 17).")
+    batch_size: int = Field(4, ge=1, description="Clips per forward pass (per process).")
+
+    @model_validator(mode="after")
+    def _frames(self):
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames must be 4k+1 (e.g. 9 or 17), got {self.num_frames}")
+        return self
+
+
+class PretrainSection(Section):
+    held_out_every: int | None = Field(500, ge=1, description="Every N steps log held_out_loss: the x0 loss on held-out carphone "
+                                       "clips (frames 80+) at sigma 0.25/0.5/0.75/1 with fixed noise; a multiple of run.log_every; None disables.")
+    evaluate_faces: bool = Field(True, description="After training, measure the saved model on the held-out inputs (4 carphone clips, "
+                                 "the astronaut; 3 seeds, 4 and 8 steps): face detection rate and dlib FaceSim vs the input face, "
+                                 "beside the real clips'; written to run.output_dir/face_eval.json.")
 
 
 class RunConfig(Section):
@@ -248,8 +306,8 @@ class TrainConfigBase(Section):
 class IPROConfig(TrainConfigBase):
     """`ipro train` with method: ipro (reward backprop through the last K sampler steps)."""
 
-    method: Literal["ipro"] = Field("ipro", description="'ipro' reward backprop ('grpo' group policy optimization and 'sft' "
-                                    "flow-matching on GT clips have their own configs: --print-config --method M).")
+    method: Literal["ipro"] = Field("ipro", description="'ipro' reward backprop ('grpo' group policy optimization, 'sft' flow-matching "
+                                    "on GT clips and 'pretrain' base-model training have their own configs: --print-config --method M).")
     sampler: IPROSamplerConfig = Field(default_factory=IPROSamplerConfig)
     reward: IPRORewardConfig = Field(default_factory=IPRORewardConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
@@ -273,9 +331,26 @@ class SFTConfig(TrainConfigBase):
     sft: SFTSection = Field(default_factory=SFTSection)
 
 
+class PretrainConfig(TrainConfigBase):
+    """`ipro train` with method: pretrain (a base model trained in full on real footage; configs/base-model.yaml)."""
+
+    method: Literal["pretrain"] = Field("pretrain", description="'pretrain' flow matching (x0 loss) on clips from footage that "
+                                        "ships in packages, the whole model trained; the EMA weights go to run.output_dir/model.")
+    model: PretrainModelConfig = Field(default_factory=PretrainModelConfig)
+    data: PretrainDataConfig = Field(default_factory=PretrainDataConfig)
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
+
+    @model_validator(mode="after")
+    def _held_out_logged(self):
+        every = self.pretrain.held_out_every
+        if every and every % self.run.log_every:
+            raise ValueError(f"pretrain.held_out_every ({every}) must be a multiple of run.log_every ({self.run.log_every}), or it is never logged")
+        return self
+
+
 # The config of a run is one of these, told apart by its `method` key (default 'ipro').
-METHOD_CONFIGS: dict[str, type[TrainConfigBase]] = {"ipro": IPROConfig, "grpo": GRPOConfig, "sft": SFTConfig}
-TrainConfig = IPROConfig | GRPOConfig | SFTConfig
+METHOD_CONFIGS: dict[str, type[TrainConfigBase]] = {"ipro": IPROConfig, "grpo": GRPOConfig, "sft": SFTConfig, "pretrain": PretrainConfig}
+TrainConfig = IPROConfig | GRPOConfig | SFTConfig | PretrainConfig
 
 
 def _names(methods: list[str]) -> str:
@@ -308,7 +383,7 @@ def parse_sets(pairs: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a YAML config; `overrides` are dotted keys ('optim.lr': 1e-4).
-    Returns the config class of the config's method: IPROConfig, GRPOConfig or SFTConfig."""
+    Returns the config class of the config's method: IPROConfig, GRPOConfig, SFTConfig or PretrainConfig."""
     data: dict = read_mapping(path, "configs/tiny-cpu-ipro.yaml") if path is not None else {}
     for dotted, value in (overrides or {}).items():
         node = data

@@ -16,6 +16,10 @@ def trainer_class(method: str):
         from ipro.train.grpo import GRPOTrainer
 
         return GRPOTrainer
+    if method == "pretrain":
+        from ipro.train.pretrain import PretrainTrainer
+
+        return PretrainTrainer
     from ipro.errors import IproError
 
-    raise IproError(f"method '{method}': not available; use 'ipro', 'grpo' or 'sft'")
+    raise IproError(f"method '{method}': not available; use 'ipro', 'grpo', 'sft' or 'pretrain'")

@@ -2,7 +2,7 @@
 talks to a `VideoModel`) and nothing of the method (a subclass implements
 `compute_loss`). Parallelism comes from accelerate, applied from outside.
 
-    trainer = IPROTrainer(config)      # or GRPOTrainer / SFTTrainer
+    trainer = IPROTrainer(config)      # or GRPOTrainer / SFTTrainer / PretrainTrainer
     trainer.train(resume=True)         # or call trainer.step() yourself
 
 Exact resume: every random draw of a step uses a generator keyed by (seed, step, rank,
@@ -247,6 +247,9 @@ class Trainer:
     def _set_lr(self) -> None:
         c = self.config.optim
         scale = min(1.0, (self.global_step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        if c.lr_cosine_to is not None and self.global_step >= c.warmup_steps:  # cosine from lr to lr * lr_cosine_to
+            progress = (self.global_step - c.warmup_steps) / max(c.steps - c.warmup_steps, 1)
+            scale = c.lr_cosine_to + (1 - c.lr_cosine_to) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * scale
 
@@ -273,7 +276,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
         }
         write_lora = None
-        if self.config.model.lora_rank > 0:
+        if getattr(self.config.model, "lora_rank", 0) > 0:  # pretraining has no LoRA
             write_lora = functools.partial(self.model.save_lora, state_dict=params) if self.accelerator.is_fsdp2 else self.model.save_lora
         return save_checkpoint(
             self.output_dir, self.global_step, params, optimizer_state, state, ema,
