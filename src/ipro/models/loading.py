@@ -30,7 +30,7 @@ def resolve_model_path(path: str | Path, cache_dir: str | Path) -> Path:
         return target
     if path == "builtin":
         if not (BUILTIN_PATH / "model_index.json").is_file():
-            raise IproError(f"{BUILTIN_PATH}: the embedded base model is missing; reinstall ipro or run scripts/train_base_model.py")
+            raise IproError(f"{BUILTIN_PATH}: the embedded base model is missing; reinstall ipro, or train it (ipro train -c configs/base-model.yaml) and copy runs/base-model/model there")
         return BUILTIN_PATH
     return Path(path)
 
