@@ -13,4 +13,6 @@ elif [ "${1:-}" = "--real-size" ]; then
   shift
   set -- -m real_size "$@"
 fi
-exec "${IPRO_VENV:-$root/.venv}/bin/python" -m pytest -q "$@"
+# Two pytest-xdist workers: every test runs on one thread, and CI has two cores. loadfile
+# keeps each file on one worker, so a module fixture (a training run, a model) is built once.
+exec "${IPRO_VENV:-$root/.venv}/bin/python" -m pytest -q -n 2 --dist loadfile "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,14 @@ def astronaut() -> np.ndarray:
     from ipro.data.footage import astronaut
 
     return astronaut()
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now, for a gloo rendezvous: fixed ports collide when
+    tests run in parallel (pytest-xdist) or beside another run on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def randomize_lora(model, seed=1, scale=0.1):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import free_port
 
 from ipro.errors import IproError
 
@@ -111,7 +112,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(dataset, tmp_path):
     script = Path(__file__).with_name("_ddp_train.py")
     # On CPU, torchrun starts the two processes (accelerate's own --cpu launcher starts one
     # unless MPI is set up); the Accelerator in each joins a gloo group.
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
               str(script), str(dataset), str(tmp_path)]
     out = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
