@@ -1,6 +1,6 @@
 """`pixel-i2v`: a small Wan transformer that works on pixels, the project's own CPU base model.
 
-The committed weights (`ipro/assets/base-model`, trained by `scripts/train_base_model.py`)
+The committed weights (`ipro/assets/base-model`, recipe: `configs/base-model.yaml`)
 use this family. It is a real diffusers `WanTransformer3DModel`, driven like Wan 2.2 TI2V,
 but with no VAE: the "latent" is the video itself.
 
