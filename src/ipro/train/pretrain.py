@@ -212,7 +212,8 @@ def evaluate_faces(model, height: int = 128, width: int = 160, frames: int = 9, 
     for item in items:
         _, _, face = face_stats(embedder, item.frames[:1], None)
         if face is None:
-            raise IproError(f"held-out input {item.name}: no face found in its first frame at {height}x{width}; evaluate at a larger size")
+            raise IproError(f"held-out input {item.name}: no face found in its first frame at {height}x{width}; evaluate at 128x160 "
+                           "(in training, pretrain.evaluate_faces: false skips it)")
         inputs[item.name] = face
     real_det, real_sim = [], []
     for item in items:
