@@ -96,14 +96,19 @@ class IdentityRewardModel(PreferenceModel):
         self.register_buffer("feature_std", torch.ones(len(FEATURES)))
 
     def set_feature_stats(self, features: torch.Tensor) -> None:
-        """Standardize with the mean/std of (V, N, D) training features, ignoring NaN."""
+        """Standardize with the mean/std of (V, N, D) training features, ignoring NaN.
+
+        A feature that never varied in training (e.g. coverage when every synthetic pair
+        keeps all faces, or margin on one-person clips) gets an infinite std, so it always
+        reads 0: the head never learned its weight, and a 1e-3 std blew a generated
+        video's value up 1000-fold through that untrained weight (GRPO chased it)."""
         flat = features.reshape(-1, features.shape[-1])
         ok = ~torch.isnan(flat)
         count = ok.sum(0).clamp_min(1)
         mean = torch.where(ok, flat, 0).sum(0) / count
-        var = torch.where(ok, (flat - mean) ** 2, 0).sum(0) / count
+        std = (torch.where(ok, (flat - mean) ** 2, 0).sum(0) / count).sqrt()
         self.feature_mean.copy_(mean)
-        self.feature_std.copy_(var.sqrt().clamp_min(1e-3))
+        self.feature_std.copy_(torch.where(std < 1e-3, torch.inf, std))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, D) raw frame features (NaN = undefined) -> (B,) scores."""
