@@ -1,7 +1,7 @@
 """Base-model quality against real held-out clips: the three bars of issue #19, point 1.
 
 Inputs: the demo's held-out carphone clips (frames 80, 88, 96, 103 on, every other
-frame, 128x160x9, `ipro.demo.write_footage`), each animated with 3 seeds (12 videos),
+frame, 128x160x9, as `ipro.demo` cuts them), each animated with 3 seeds (12 videos),
 scored by `ipro eval` next to the real clips themselves (written through the same
 H.264 encoder). Printed, for the model and for the committed `pixel-i2v` (the
 reference, unless the model is that one):
@@ -21,7 +21,6 @@ model's folder there after retraining it).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,15 +32,20 @@ METRICS = ("blockiness", "motion_px", "face_sim_fall", "face_coverage", "face_si
 
 
 def heldout_inputs(work: Path) -> Path:
-    """The demo's carphone held-out items (name_sSEED.png + its real clip name_sSEED.mp4)."""
-    from ipro.demo import write_footage
+    """The demo's carphone held-out items: name_sSEED.png and its real clip name_sSEED.mp4."""
+    from ipro.data.footage import carphone
+    from ipro.data.video import write_image, write_video
+    from ipro.demo import FRAME_STEP, HELDOUT_STARTS, NUM_FRAMES, SEEDS, _fit, seeded
 
-    _, heldout = write_footage(work / "footage")
     inputs = work / "inputs"
-    if not inputs.is_dir():
-        inputs.mkdir(parents=True)
-        for f in heldout.glob("carphone_*"):
-            shutil.copy(f, inputs / f.name)
+    video = carphone()
+    for start in HELDOUT_STARTS:
+        clip = _fit(video[start : start + FRAME_STEP * NUM_FRAMES : FRAME_STEP])
+        for seed in SEEDS:
+            item = inputs / seeded(f"carphone_{start}", seed)
+            if not item.with_suffix(".mp4").is_file():
+                write_video(item.with_suffix(".mp4"), clip, fps=16)
+                write_image(item.with_suffix(".png"), clip[0])
     return inputs
 
 

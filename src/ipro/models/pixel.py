@@ -22,6 +22,12 @@ but with no VAE: the "latent" is the video itself.
   0.2, not ~0 where v and the multi-step KL on v would blow up.
 - No text conditioning: prompts are accepted and ignored (a fixed all-zero text token), so
   classifier-free guidance has no effect and is skipped.
+- Optional refiner (a `refiner/` folder; the committed model has none): two 3x3 convolutions
+  at full resolution that add a correction to the change, seeing the change alone (a learned
+  unpatchify). Patches are made one token each, so the change has seams on the 8-pixel grid;
+  the refiner can blend across them. It does not see the first frame or the noisy input:
+  given those, a short training taught it to blur away the first frame's detail
+  (benchmarks/RESULTS.md, base-model quality). Fine-tuning (LoRA or full) leaves it frozen.
 """
 
 from __future__ import annotations
@@ -86,6 +92,45 @@ class PatchEmbedding(torch.nn.Conv3d):
         patches = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)
         out = F.linear(patches, self.weight.flatten(1), self.bias)  # (B, F', H', W', dim)
         return out.permute(0, 4, 1, 2, 3)
+
+
+class Refiner(torch.nn.Module):
+    """change += conv(gelu(conv(change))) per latent frame, in float32
+    (CPU bfloat16 convolutions are unreliable here, see `PatchEmbedding`). The last
+    convolution starts at zero, so a new refiner changes nothing."""
+
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        self.channels = channels
+        self.conv_in = torch.nn.Conv2d(CHANNELS, channels, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(channels, CHANNELS, 3, padding=1)
+        torch.nn.init.zeros_(self.conv_out.weight)
+        torch.nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, change: torch.Tensor) -> torch.Tensor:
+        b, c, n, h, w = change.shape
+        x = change.float().permute(0, 2, 1, 3, 4).reshape(b * n, c, h, w)
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.conv_out(F.gelu(self.conv_in(x)))
+        return change.float() + out.reshape(b, n, c, h, w).permute(0, 2, 1, 3, 4)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "refiner.safetensors")
+        (folder / "config.json").write_text(json.dumps({"channels": self.channels}) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "Refiner":
+        from safetensors.torch import load_file
+
+        try:
+            refiner = cls(**json.loads((folder / "config.json").read_text()))
+            refiner.load_state_dict(load_file(folder / "refiner.safetensors"))
+        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            raise IproError(f"{folder}: not a readable pixel-i2v refiner ({e}); delete the folder or re-save the model") from None
+        return refiner
 
 
 def pack(video: torch.Tensor) -> torch.Tensor:
@@ -161,19 +206,21 @@ class PixelI2V(VideoModel):
         with loading_components(path):
             transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype or torch.float32)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        model = cls(transformer, scheduler)
+        refiner = Refiner.load(path / "refiner") if (path / "refiner").is_dir() else None
+        model = cls(transformer, scheduler, refiner)
         model.start_finetuning(finetune, lora, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         return model.to(device)
 
     @classmethod
-    def from_config(cls, shift: float = 2.0, **transformer_options) -> "PixelI2V":
-        """A new model with random weights (training from scratch)."""
+    def from_config(cls, shift: float = 2.0, refiner_channels: int = 0, **transformer_options) -> "PixelI2V":
+        """A new model with random weights (training from scratch); refiner_channels > 0 adds a refiner."""
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
         transformer = WanTransformer3DModel(**default_transformer_config(**transformer_options))
-        return cls(transformer, FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=SHIFT_TERMINAL))
+        refiner = Refiner(refiner_channels) if refiner_channels else None
+        return cls(transformer, FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=SHIFT_TERMINAL), refiner)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write model_index.json, transformer/ (safetensors) and scheduler/ under `path`."""
@@ -184,6 +231,8 @@ class PixelI2V(VideoModel):
         with quiet_loading():
             self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
             self.scheduler.save_pretrained(path / "scheduler")
+        if self.refiner is not None:
+            self.refiner.save(path / "refiner")
         index = {
             "_class_name": PIPELINE_NAME,
             "_diffusers_version": diffusers.__version__,
@@ -194,7 +243,7 @@ class PixelI2V(VideoModel):
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return path
 
-    def __init__(self, transformer, scheduler):
+    def __init__(self, transformer, scheduler, refiner: Refiner | None = None):
         config = transformer.config
         if tuple(config.patch_size) != PATCH or config.in_channels != CHANNELS or config.out_channels != CHANNELS:
             raise IproError(
@@ -204,6 +253,7 @@ class PixelI2V(VideoModel):
         transformer.patch_embedding.__class__ = PatchEmbedding  # a forward that is right in bf16 (see its docstring)
         self.transformer = transformer.requires_grad_(False)
         self.scheduler = scheduler
+        self.refiner = None if refiner is None else refiner.requires_grad_(False).to(transformer.device)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = transformer.device
         self.finetune: str | None = None
@@ -217,6 +267,8 @@ class PixelI2V(VideoModel):
     def to(self, device) -> "PixelI2V":
         self.device = torch.device(device)
         self.transformer.to(self.device)
+        if self.refiner is not None:
+            self.refiner.to(self.device)
         if self._frozen is not None:
             self._frozen.to(self.device)
         return self
@@ -321,6 +373,8 @@ class PixelI2V(VideoModel):
             encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
             return_dict=False,
         )[0]
+        if self.refiner is not None:
+            change = self.refiner(change)
         return cond.image_latents + change.float()
 
     def velocity(self, x_t, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:
