@@ -9,7 +9,7 @@
    Two-person clips matter: on one-person clips the features that compare people
    (margin, dup_cos) are never defined, and their standardization blows them up on a
    two-person video.
-3. GRPO (configs/tiny-cpu-grpo-demo.yaml) with that reward alone, on the held-out inputs
+3. GRPO (configs/tiny-cpu-demo-grpo.yaml) with that reward alone, on the held-out inputs
    with two or more people (`ipro.data.people`): every step rolls out a group per input.
    The policy trains on the inputs it is then scored on, as a user would fine-tune on
    their own pictures; no ground truth is involved.
@@ -34,7 +34,7 @@ import torch
 from ipro.data.video import atomic_path, read_video, write_image, write_video
 from ipro.errors import IproError
 
-PRESET = "tiny-cpu-grpo-demo.yaml"
+PRESET = "tiny-cpu-demo-grpo.yaml"
 TRAIN_FRAMES = 80  # carphone frames 0..79: the demo's training video
 HEIGHT, WIDTH = 128, 160  # a two-person training frame: two 128 x 80 halves
 PAN_PX = 8  # the cameraman's crop drifts this far over the clip, so his face moves a little
