@@ -76,7 +76,17 @@ class ModelConfig(Section):
         return data
 
 
-class DataConfig(Section):
+class ClipFrames(Section):
+    """A data section with `num_frames`, which every Wan-style model needs as 4k+1."""
+
+    @model_validator(mode="after")
+    def _frames(self):
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames must be 4k+1 (5, 9, 13, 17, ... 81), got {self.num_frames}")
+        return self
+
+
+class DataConfig(ClipFrames):
     dataset: str = Field(..., description="Folder written by `ipro prepare` (holds manifest.parquet).")
     height: int = Field(64, ge=16, description="Training height in pixels (multiple of the VAE stride x patch size).")
     width: int = Field(64, ge=16, description="Training width in pixels.")
@@ -84,12 +94,6 @@ class DataConfig(Section):
     batch_size: int = Field(1, ge=1, description="Clips per forward pass (per process).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     default_prompt: str = Field("a person talking", description="Caption used when a clip has none.")
-
-    @model_validator(mode="after")
-    def _frames(self):
-        if (self.num_frames - 1) % 4:
-            raise ValueError(f"data.num_frames must be 4k+1 (e.g. 9, 17, 33, 81), got {self.num_frames}")
-        return self
 
 
 class SamplerConfig(Section):
@@ -224,17 +228,11 @@ class PretrainModelConfig(Section):
         return self
 
 
-class PretrainDataConfig(Section):
+class PretrainDataConfig(ClipFrames):
     height: int = Field(128, ge=8, description="Clip height in pixels (a multiple of 8 for pixel-i2v).")
     width: int = Field(160, ge=8, description="Clip width in pixels (a multiple of 8 for pixel-i2v).")
     num_frames: int = Field(9, ge=5, le=17, description="Frames per clip; 4k+1 (the held-out carphone frames 80-119 taken every other frame hold at most 17).")
     batch_size: int = Field(4, ge=1, description="Clips per forward pass (per process).")
-
-    @model_validator(mode="after")
-    def _frames(self):
-        if (self.num_frames - 1) % 4:
-            raise ValueError(f"data.num_frames must be 4k+1 (e.g. 9 or 17), got {self.num_frames}")
-        return self
 
 
 class PretrainSection(Section):
