@@ -67,10 +67,6 @@ def seeded(name: str, seed: int) -> str:
     return f"{name}_s{seed}"
 
 
-def seed_of(stem: str) -> int:
-    return int(stem.rsplit("_s", 1)[1])
-
-
 def input_of(stem: str) -> str:
     return stem.rsplit("_s", 1)[0]
 
@@ -118,18 +114,9 @@ def write_footage(root: Path) -> tuple[Path, Path]:
 def generate(model_path: Path, lora: Path | None, inputs: Path, out: Path, steps: int) -> Path:
     """One video per held-out item (name_sSEED.png, animated with SEED), written as name_sSEED.mp4;
     videos already there are kept, so a rerun resumes."""
-    from ipro.generate import generate as generate_videos
-    from ipro.models import load_model
+    from ipro.generate import generate_folder
 
-    images = sorted(inputs.glob("*.png"))
-    if all((out / f"{p.stem}.mp4").is_file() for p in images):
-        return out
-    generate_videos(
-        load_model(model_path, lora=lora), images, out, prompts="a person talking", seeds=[seed_of(p.stem) for p in images],
-        num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, steps=steps, fps=16, overwrite=False,
-        metadata={"model": str(model_path), "lora": str(lora) if lora else None},
-    )
-    return out
+    return generate_folder(model_path, lora, inputs, out, num_frames=NUM_FRAMES, steps=steps)
 
 
 def train_run(model_path: Path, data: Path, out: Path, steps: int, overrides: dict) -> Path:

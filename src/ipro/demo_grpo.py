@@ -33,6 +33,7 @@ import torch
 
 from ipro.data.video import atomic_path, read_video, write_image, write_video
 from ipro.errors import IproError
+from ipro.generate import generate_folder
 
 PRESET = "tiny-cpu-demo-grpo.yaml"
 TRAIN_FRAMES = 80  # carphone frames 0..79: the demo's training video
@@ -161,27 +162,6 @@ def train_grpo(model_path: Path, items: list[Path], reward_model: Path, root: Pa
 # --- 4: before / after ----------------------------------------------------------------------
 
 
-def generate_videos(model_path: Path, lora: Path | None, inputs: Path, out: Path, num_frames: int, steps: int) -> Path:
-    """One video per input NAME_sSEED.png, animated with SEED (videos already there are kept)."""
-    from ipro.generate import generate
-    from ipro.models import load_model
-
-    images = sorted(inputs.glob("*.png"))
-    todo = [p for p in images if not (out / f"{p.stem}.mp4").is_file()]
-    if todo:
-        first = read_video_size(todo[0])
-        generate(load_model(model_path, lora=lora), todo, out, prompts="people talking", seeds=[int(p.stem.rsplit("_s", 1)[1]) for p in todo],
-                 num_frames=num_frames, height=first[0], width=first[1], steps=steps, fps=16, overwrite=False,
-                 metadata={"model": str(model_path), "lora": str(lora) if lora else None})
-    return out
-
-
-def read_video_size(image: Path) -> tuple[int, int]:
-    from ipro.data.video import read_image
-
-    return read_image(image).shape[:2]
-
-
 def score_videos(videos: Path, inputs: Path, reward_model: Path, evaluator, root: Path) -> dict[str, dict]:
     """Per video: the reward model's (normalized) score and `ipro eval`'s metrics."""
     from ipro.eval import evaluate
@@ -308,7 +288,7 @@ def run_grpo_demo(out: Path, model_path: Path, heldout: Path, evaluator, sample_
     videos = {"base": root / "videos" / "base", "identity-grpo": root / "videos" / "identity-grpo"}
     scores = {}
     for name, folder in videos.items():
-        generate_videos(model_path, lora if name != "base" else None, inputs, folder, num_frames, sample_steps)
+        generate_folder(model_path, lora if name != "base" else None, inputs, folder, num_frames=num_frames, steps=sample_steps, prompt="people talking")
         scores[name] = score_videos(folder, inputs, rm, evaluator, root)
     rows = summarize(scores["base"], scores["identity-grpo"])
     rm_metrics = json.loads((rm / "reward_model.json").read_text())["metrics"].get("eval", {})

@@ -223,3 +223,20 @@ def generate(
         if progress is not None:
             progress(done)
     return paths
+
+
+def generate_folder(model_path: str | Path, lora: str | Path | None, inputs: Path, out: Path, *, num_frames: int, steps: int,
+                    prompt: str = "a person talking") -> Path:
+    """One video per NAME_sSEED.png in `inputs`, animated with SEED at the image's size and
+    written as out/NAME_sSEED.mp4 (how `ipro demo` lays out its held-out inputs). Videos
+    already in `out` are kept, and the model is not even loaded when none is missing, so a
+    rerun resumes for free."""
+    from ipro.models import load_model
+
+    todo = [p for p in sorted(Path(inputs).glob("*.png")) if not (Path(out) / f"{p.stem}.mp4").is_file()]
+    if todo:
+        height, width = read_image(todo[0]).shape[:2]
+        generate(load_model(model_path, lora=lora), todo, out, prompts=prompt, seeds=[int(p.stem.rsplit("_s", 1)[1]) for p in todo],
+                 num_frames=num_frames, height=height, width=width, steps=steps, fps=16, overwrite=False,
+                 metadata={"model": str(model_path), "lora": str(lora) if lora else None})
+    return Path(out)
