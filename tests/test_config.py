@@ -106,7 +106,8 @@ def test_no_reward_module_imports_the_trainers():
             assert not any(n.startswith("ipro.train") for n in names), f"{f.name} imports {names}"
 
 
-PRESETS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("prepare"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("prepare"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -118,3 +119,17 @@ def test_a_runs_written_config_loads_back_as_the_same_config(preset, tmp_path):
     (tmp_path / "config.yaml").write_text(_yaml(cfg))
     again = load_config(tmp_path / "config.yaml")
     assert type(again) is type(cfg) and again == cfg
+
+
+def test_a_bare_yaml_no_means_no_mixed_precision(tmp_path):
+    # YAML 1.1 reads `no` as False; `mixed_precision: no` must still mean "no", and `yes` stays an error.
+    from ipro.train.config import parse_sets
+
+    assert load_config(CONFIGS / "base-model.yaml", parse_sets(["optim.mixed_precision=no"])).optim.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    data = yaml.safe_load((CONFIGS / "tiny-cpu-ipro.yaml").read_text())
+    data.setdefault("optim", {})["mixed_precision"] = False
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).optim.mixed_precision == "no"
+    with pytest.raises(IproError, match="mixed_precision"):
+        load_config(CONFIGS / "base-model.yaml", parse_sets(["optim.mixed_precision=yes"]))

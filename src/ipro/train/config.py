@@ -173,6 +173,12 @@ class OptimConfig(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the trainable parameters with this decay; None disables.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML reads a bare `no` (in a file or in --set optim.mixed_precision=no) as False.
+        return "no" if value is False else value
+
 
 class GRPOSection(Section):
     group_size: int = Field(8, ge=2, description="Videos sampled per input (G).")
