@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ipro.data.video import atomic_path, read_video
-from ipro.errors import IproError
+from ipro.errors import IproError, read_format_json
 from ipro.eval import identity, motion, rigid
 from ipro.eval.blockiness import blockiness
 from ipro.eval.inputs import EvalItem, find_items
@@ -285,11 +285,6 @@ def load_run(path: str | Path) -> dict:
     file = path / "metrics.json" if path.is_dir() else path
     if not file.is_file():
         raise IproError(f"{path}: no metrics.json here; run `ipro eval` into this folder first")
-    try:
-        run = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise IproError(f"{file}: not valid JSON ({e.msg}); re-run `ipro eval`") from None
-    if run.get("format") != FORMAT:
-        raise IproError(f"{file}: not an ipro eval result (format {run.get('format')!r})")
+    run = read_format_json(file, FORMAT, "an ipro eval result", "re-run `ipro eval`")
     run["name"] = file.parent.name  # runs are named by their folder, as the user passes them
     return run

@@ -4,14 +4,13 @@ the tie margin, score normalization, the saved-folder format and the pair metric
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipro.errors import IproError
+from ipro.errors import IproError, read_format_json
 from ipro.rewards.base import Normalization
 
 
@@ -68,13 +67,7 @@ def read_meta(directory: str | Path) -> dict:
     file = directory / "reward_model.json"
     if not file.is_file():
         raise IproError(f"{directory}: not a reward model (no reward_model.json); train one with `ipro reward-model train`")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise IproError(f"{file}: not valid JSON ({e.msg}); retrain the reward model") from None
-    if meta.get("format") != FORMAT:
-        raise IproError(f"{file}: not an ipro identity reward model (format {meta.get('format')!r})")
-    return meta
+    return read_format_json(file, FORMAT, "an ipro identity reward model", "retrain it with `ipro reward-model train`")
 
 
 def accuracy_from_scores(d: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, kinds: list[str]) -> dict:
