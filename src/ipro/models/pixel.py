@@ -27,7 +27,8 @@ but with no VAE: the "latent" is the video itself.
   unpatchify). Patches are made one token each, so the change has seams on the 8-pixel grid;
   the refiner can blend across them. It does not see the first frame or the noisy input:
   given those, a short training taught it to blur away the first frame's detail
-  (benchmarks/RESULTS.md, base-model quality). Fine-tuning (LoRA or full) leaves it frozen.
+  (benchmarks/RESULTS.md, base-model quality). Pretraining trains it with the transformer
+  (`train_refiner`); fine-tuning (LoRA or full) leaves it frozen.
 """
 
 from __future__ import annotations
@@ -131,6 +132,18 @@ class Refiner(torch.nn.Module):
         except (OSError, ValueError, TypeError, RuntimeError) as e:
             raise IproError(f"{folder}: not a readable pixel-i2v refiner ({e}); delete the folder or re-save the model") from None
         return refiner
+
+
+class Denoiser(torch.nn.Module):
+    """The transformer then the refiner, as one module: what pretraining trains, so that DDP
+    wraps (and all-reduces) both and the checkpoints and EMA hold both."""
+
+    def __init__(self, transformer, refiner: Refiner) -> None:
+        super().__init__()
+        self.transformer, self.refiner = transformer, refiner
+
+    def forward(self, **inputs) -> tuple[torch.Tensor]:
+        return (self.refiner(self.transformer(**inputs)[0]),)
 
 
 def pack(video: torch.Tensor) -> torch.Tensor:
@@ -257,6 +270,7 @@ class PixelI2V(VideoModel):
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = transformer.device
         self.finetune: str | None = None
+        self._denoiser: Denoiser | None = None  # set while the refiner trains (pretraining)
         self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
         self._use_base = False
 
@@ -277,12 +291,19 @@ class PixelI2V(VideoModel):
 
     @property
     def trainable_module(self) -> torch.nn.Module:
-        return self.transformer
+        return self.transformer if self._denoiser is None else self._denoiser
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.finetune is None:
             return []
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return [p for p in self.trainable_module.parameters() if p.requires_grad]
+
+    def train_refiner(self) -> None:
+        """Pretraining: the refiner trains with the transformer (after full fine-tuning is set
+        up). Its parameters are then named refiner.* and the transformer's transformer.*."""
+        if self.finetune != "full" or self.refiner is None:
+            raise ValueError("train_refiner needs a model with a refiner, set up for full fine-tuning")
+        self._denoiser = Denoiser(self.transformer, self.refiner.requires_grad_(True))
 
     def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=DEFAULT_LORA_TARGETS) -> None:
         self.finetune = finetune
@@ -363,17 +384,15 @@ class PixelI2V(VideoModel):
         x_in = self.impose_first_frame(x_t, cond)
         # One timestep per token: the imposed first frame is clean (t = 0).
         m = cond.first_frame_mask[0, 0, :, :: PATCH[1], :: PATCH[2]].flatten()
-        if self._use_base and self._frozen is not None:
-            transformer = self._frozen
-        else:
-            transformer = self.forward_module(self.transformer)
-        change = transformer(
+        base = self._use_base and self._frozen is not None
+        module = self._frozen if base else self.forward_module(self.trainable_module)
+        change = module(
             hidden_states=x_in.to(self.dtype),
             timestep=m[None] * t[:, None],
             encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
             return_dict=False,
         )[0]
-        if self.refiner is not None:
+        if self.refiner is not None and (base or self._denoiser is None):  # else the Denoiser ran it
             change = self.refiner(change)
         return cond.image_latents + change.float()
 

@@ -208,6 +208,8 @@ class ArchitectureConfig(Section):
     layers: int = Field(4, ge=1, description="Transformer blocks.")
     heads: int = Field(6, ge=1, description="Attention heads; must divide dim.")
     ffn: int = Field(768, ge=1, description="Hidden width of each block's feed-forward layer.")
+    refiner_channels: int = Field(0, ge=0, description="Channels of the refiner (two 3x3 convolutions on the transformer's "
+                                  "change at full resolution, trained with it); 0: no refiner.")
 
     @model_validator(mode="after")
     def _heads(self):
