@@ -58,22 +58,17 @@ def scores(videos: Path, inputs: Path, out: Path, evaluator) -> dict:
 
 
 def generated(model_dir: Path, inputs: Path, out: Path, steps: int) -> Path:
-    from ipro.demo import HEIGHT, NUM_FRAMES, WIDTH, seed_of
-    from ipro.generate import generate
-    from ipro.models import load_model
+    from ipro.demo import NUM_FRAMES
+    from ipro.generate import generate_folder
 
-    images = sorted(inputs.glob("*.png"))
-    if not all((out / f"{p.stem}.mp4").is_file() for p in images):
-        generate(load_model(model_dir), images, out, seeds=[seed_of(p.stem) for p in images], num_frames=NUM_FRAMES,
-                 height=HEIGHT, width=WIDTH, steps=steps, fps=16, overwrite=False)
-    return out
+    return generate_folder(model_dir, None, inputs, out, num_frames=NUM_FRAMES, steps=steps)
 
 
 def bars(model: dict, real: dict, reference: dict) -> dict:
     """Each bar as a ratio and whether it is met."""
     block = model["blockiness"] / real["blockiness"]
     motion = model["motion_px"] / real["motion_px"]
-    fall = model["face_sim_fall"] / reference["face_sim_fall"] if reference["face_sim_fall"] else float("nan")
+    fall = model["face_sim_fall"] / reference["face_sim_fall"] if reference["face_sim_fall"] and model["face_sim_fall"] is not None else float("nan")
     return {
         "blockiness / real": (block, abs(block - 1) <= 0.1),
         "motion / real": (motion, motion >= 0.6),
@@ -97,7 +92,8 @@ def main(argv=None) -> None:
     evaluator = Evaluator()
     real = scores(inputs, inputs, work / "eval" / "real", evaluator)
     builtin = resolve_model_path("builtin", work)
-    models = {"committed": builtin, **{Path(m).name: resolve_model_path(m, work) for m in args.models if m != "builtin"}}
+    # A run's folder is runs/NAME/model: name it by its last two parts.
+    models = {"committed": builtin, **{"_".join(Path(m).parts[-2:]): resolve_model_path(m, work) for m in args.models if m != "builtin"}}
     rows = {}
     for name, path in models.items():
         slug = f"{name}-{args.steps}steps"
@@ -111,7 +107,7 @@ def main(argv=None) -> None:
     for name, row in rows.items():
         met = bars(row, real, rows["committed"])
         cells = [f"{v:.3f} ({'met' if ok else 'not met'})" for v, ok in met.values()]
-        print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join("-" if row[k] is None else f"{row[k]:.4f}" for k in METRICS) + " | " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
 

@@ -196,7 +196,7 @@ def tiny_clips():
     return BaseClips(32, 40, 5)
 
 
-def test_the_preset_is_the_committed_models_recipe_and_bad_keys_are_refused(tmp_path):
+def test_the_preset_is_the_recipe_on_the_committed_architecture_and_bad_keys_are_refused(tmp_path):
     from diffusers import WanTransformer3DModel
 
     from ipro.models.pixel import default_transformer_config
@@ -210,7 +210,8 @@ def test_the_preset_is_the_committed_models_recipe_and_bad_keys_are_refused(tmp_
     assert json.loads((BUILTIN_PATH / "scheduler" / "scheduler_config.json").read_text())["shift"] == cfg.model.shift
     o, d = cfg.optim, cfg.data
     assert (o.optimizer, o.lr, o.weight_decay, o.betas, o.steps, o.warmup_steps, o.lr_cosine_to, o.ema_decay, o.mixed_precision) == \
-        ("adamw", 5e-4, 0.01, (0.9, 0.99), 2800, 100, 0.1, 0.998, "bf16")
+        ("adamw", 5e-4, 0.01, (0.9, 0.99), 2500, 100, 0.1, 0.998, "no")
+    assert (cfg.model.architecture.refiner_channels, cfg.pretrain.edge_weight) == (32, 4.0)
     assert (d.height, d.width, d.num_frames, d.batch_size) == (128, 160, 9, 4)
     refused = {
         "'data.dataset' is not a setting of method 'pretrain'": {"data.dataset": "runs/data"},

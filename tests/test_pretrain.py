@@ -11,7 +11,7 @@ from ipro.models import load_model
 
 from test_base_model import tiny_config
 
-SETTINGS = {"optim.steps": 4, "run.checkpoint_every": 2, "optim.ema_decay": 0.9,
+SETTINGS = {"optim.steps": 4, "run.checkpoint_every": 2, "optim.ema_decay": 0.9, "pretrain.edge_weight": 4.0,
             "model.architecture": {"dim": 16, "layers": 1, "heads": 1, "ffn": 32, "refiner_channels": 4}}
 
 
@@ -28,12 +28,14 @@ def test_the_refiner_trains_with_the_transformer_and_resumes_exactly(tiny_clips,
 
     straight = PretrainTrainer(tiny_config(tmp_path / "straight", **SETTINGS), dataset=tiny_clips)
     refiner = {k for k in straight.named_params if k.startswith("refiner.")}
-    assert refiner == {"refiner.conv_in.weight", "refiner.conv_in.bias", "refiner.conv_out.weight", "refiner.conv_out.bias"}
+    assert refiner == {"refiner.conv_in.weight", "refiner.conv_in.bias", "refiner.conv_out.weight", "refiner.conv_out.bias",
+                       "refiner.across", "refiner.down"}
     assert len(straight.named_params) == len(refiner) + len(list(straight.model.transformer.parameters()))
     start = {k: p.detach().clone() for k, p in straight.named_params.items()}
     straight.train()
-    # Both convolutions moved (the second starts at zero, so the first only gets a gradient
-    # once the second has): the refiner is in the optimizer and the loss reaches it.
+    # Every refiner tensor moved (the second convolution and the seam taps start at zero, so
+    # the first convolution only gets a gradient once the second has, the taps once the
+    # transformer's change head has left zero): the refiner is in the optimizer and the loss reaches it.
     assert all(not torch.equal(start[k], straight.named_params[k]) for k in refiner)
     assert not torch.equal(start["transformer.proj_out.weight"], straight.named_params["transformer.proj_out.weight"])
     assert refiner <= set(load_checkpoint(list_checkpoints(tmp_path / "straight")[-1])["ema"])
@@ -50,7 +52,7 @@ def test_the_refiner_trains_with_the_transformer_and_resumes_exactly(tiny_clips,
 
     # The saved folder holds the EMA refiner, which load_model brings back and runs.
     saved = load_file(tmp_path / "straight" / "model" / "refiner" / "refiner.safetensors")
-    assert all(torch.equal(saved[k], straight.ema[f"refiner.{k}"]) for k in saved) and len(saved) == 4
+    assert all(torch.equal(saved[k], straight.ema[f"refiner.{k}"]) for k in saved) and len(saved) == 6
     model = load_model(tmp_path / "straight" / "model")
     assert model.refiner is not None and model.refiner.channels == 4
     image = tiny_clips.clip(torch.Generator().manual_seed(5))[:1]

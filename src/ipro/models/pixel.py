@@ -23,9 +23,10 @@ but with no VAE: the "latent" is the video itself.
 - No text conditioning: prompts are accepted and ignored (a fixed all-zero text token), so
   classifier-free guidance has no effect and is skipped.
 - Optional refiner (a `refiner/` folder; the committed model has none): two 3x3 convolutions
-  at full resolution that add a correction to the change, seeing the change alone (a learned
-  unpatchify). Patches are made one token each, so the change has seams on the 8-pixel grid;
-  the refiner can blend across them. It does not see the first frame or the noisy input:
+  at full resolution plus a per-patch-position seam filter (`Refiner`) that add a correction
+  to the change, seeing the change alone (a learned unpatchify). Patches are made one token
+  each, so the change has seams on the 8-pixel grid; the refiner can blend across them. It
+  does not see the first frame or the noisy input:
   given those, a short training taught it to blur away the first frame's detail
   (benchmarks/RESULTS.md, base-model quality). Pretraining trains it with the transformer
   (`train_refiner`); fine-tuning (LoRA or full) leaves it frozen.
@@ -56,6 +57,7 @@ TEXT_DIM = 16
 # its final video at its last call, so a call at sigma ~ 0 would be the one that decides the
 # output while v = (x_t - x0) / sigma (and the multi-step KL on v) blows up there.
 SHIFT_TERMINAL = 0.2
+SEAM_TAPS = 5  # the refiner's seam filter: 2 pixels either side
 
 # The committed base model (see its MODEL_CARD.md).
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "assets" / "base-model"
@@ -96,9 +98,14 @@ class PatchEmbedding(torch.nn.Conv3d):
 
 
 class Refiner(torch.nn.Module):
-    """change += conv(gelu(conv(change))) per latent frame, in float32
-    (CPU bfloat16 convolutions are unreliable here, see `PatchEmbedding`). The last
-    convolution starts at zero, so a new refiner changes nothing."""
+    """change += conv(gelu(conv(change))) + seam taps, per latent frame, in float32 (CPU
+    bfloat16 convolutions are unreliable here, see `PatchEmbedding`).
+
+    The seam taps are a linear filter per channel whose weights depend on the pixel's position
+    within its 8x8 patch: SEAM_TAPS taps across and SEAM_TAPS down. The 3x3 convolutions are
+    the same everywhere, so they cannot tell a seam on the patch grid from an edge in the
+    picture; the taps can (measured: benchmarks/RESULTS.md, base-model quality). Everything
+    that adds to the change starts at zero, so a new refiner changes nothing."""
 
     def __init__(self, channels: int = 32) -> None:
         super().__init__()
@@ -107,12 +114,20 @@ class Refiner(torch.nn.Module):
         self.conv_out = torch.nn.Conv2d(channels, CHANNELS, 3, padding=1)
         torch.nn.init.zeros_(self.conv_out.weight)
         torch.nn.init.zeros_(self.conv_out.bias)
+        self.across = torch.nn.Parameter(torch.zeros(CHANNELS, PATCH[2], SEAM_TAPS))  # (channel, x within the patch, tap)
+        self.down = torch.nn.Parameter(torch.zeros(CHANNELS, PATCH[1], SEAM_TAPS))
 
     def forward(self, change: torch.Tensor) -> torch.Tensor:
         b, c, n, h, w = change.shape
         x = change.float().permute(0, 2, 1, 3, 4).reshape(b * n, c, h, w)
         with torch.autocast(x.device.type, enabled=False):
             out = self.conv_out(F.gelu(self.conv_in(x)))
+            r = SEAM_TAPS // 2
+            across = self.across.repeat(1, w // PATCH[2], 1)  # (c, w, taps): each pixel column's taps
+            down = self.down.repeat(1, h // PATCH[1], 1)
+            xp, yp = F.pad(x, (r, r, 0, 0), mode="replicate"), F.pad(x, (0, 0, r, r), mode="replicate")
+            for t in range(SEAM_TAPS):
+                out = out + across[None, :, None, :, t] * xp[..., t : t + w] + down[None, :, :, None, t] * yp[..., t : t + h, :]
         return change.float() + out.reshape(b, n, c, h, w).permute(0, 2, 1, 3, 4)
 
     def save(self, folder: Path) -> None:

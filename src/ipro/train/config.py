@@ -208,8 +208,8 @@ class ArchitectureConfig(Section):
     layers: int = Field(4, ge=1, description="Transformer blocks.")
     heads: int = Field(6, ge=1, description="Attention heads; must divide dim.")
     ffn: int = Field(768, ge=1, description="Hidden width of each block's feed-forward layer.")
-    refiner_channels: int = Field(0, ge=0, description="Channels of the refiner (two 3x3 convolutions on the transformer's "
-                                  "change at full resolution, trained with it); 0: no refiner.")
+    refiner_channels: int = Field(0, ge=0, description="Channels of the refiner (two 3x3 convolutions and a seam filter on the "
+                                  "transformer's change at full resolution, trained with it); 0: no refiner.")
 
     @model_validator(mode="after")
     def _heads(self):
@@ -249,6 +249,9 @@ class PretrainSection(Section):
     evaluate_faces: bool = Field(True, description="After training, measure the saved model on the held-out inputs (4 carphone clips, "
                                  "the astronaut; 3 seeds, 4 and 8 steps): face detection rate and dlib FaceSim vs the input face, "
                                  "beside the real clips'; written to run.output_dir/face_eval.json.")
+    edge_weight: float = Field(0.0, ge=0, description="Add this times the squared error of the x0 prediction's horizontal and "
+                               "vertical pixel differences to the loss: weighs the 8-px seams between patches, which the plain "
+                               "MSE barely sees; its minimum is still the clean clip's expectation. 0: plain x0 MSE.")
 
 
 class RunConfig(Section):

@@ -5,12 +5,14 @@ Objective: flow matching with the first frame imposed (x_t = sigma * noise + (1 
 written as the mean squared error of the model's clean-video prediction x0 on the generated
 frames (the velocity loss times sigma^2: the velocity loss would weight the near-clean steps
 by up to 1/sigma^2). sigma is uniform in [0, 1], then shifted by the model's scheduler shift,
-so training sees the noise levels the sampler visits. Clips are drawn from
+so training sees the noise levels the sampler visits. With `pretrain.edge_weight`, the squared
+error of the prediction's pixel differences is added: the seams between 8x8 patches are a small
+part of the MSE but most of the difference error. Clips are drawn from
 `ipro.data.base_clips`, each step's from its own generator keyed by (seed, step, rank,
 micro-batch), so a run resumes exactly like the other methods'.
 
 Besides the shared trainer's checkpoints and logs: every `pretrain.held_out_every` steps the
-x0 loss on held-out carphone clips is logged (held_out_loss); at the end the EMA weights
+x0 loss (plain MSE, whatever the edge weight) on held-out carphone clips is logged (held_out_loss); at the end the EMA weights
 (the trained ones without EMA; with model.architecture.refiner_channels, the refiner's in
 model/refiner) are written to run.output_dir/model, a folder
 `ipro.models.load_model` reads, and with `pretrain.evaluate_faces` that folder is measured on
@@ -49,16 +51,22 @@ def shifted_sigmas(g: torch.Generator, n: int, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def x0_loss(model, clips: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def x0_loss(model, clips: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, edge_weight: float = 0.0) -> torch.Tensor:
     """Mean squared error of the clean-video prediction over the generated frames, for clips
-    (B, F, 3, H, W) in [0, 1] noised to `sigma` (B,) with `noise` (latent-shaped)."""
+    (B, F, 3, H, W) in [0, 1] noised to `sigma` (B,) with `noise` (latent-shaped); plus
+    edge_weight times the squared error of its horizontal and vertical pixel differences."""
     _, f, _, h, w = clips.shape
     x0 = model.encode_video(clips.transpose(1, 2))  # it takes (B, 3, F, H, W)
     cond = model.prepare_condition(clips[:, 0], [""], f, h, w)
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = model.impose_first_frame(s * noise + (1 - s) * x0, cond)
     pred = model.predict_x0(x_t, sigma * model.num_train_timesteps, cond)
-    return masked_mean((pred - x0) ** 2, model.generated_mask(cond)).mean()
+    mask = model.generated_mask(cond)
+    loss = masked_mean((pred - x0) ** 2, mask).mean()
+    if edge_weight:
+        err = (pred - x0)[:, :, mask[0, 0, :, 0, 0] > 0]
+        loss = loss + edge_weight * (err.diff(dim=-1).square().mean() + err.diff(dim=-2).square().mean())
+    return loss
 
 
 class PretrainTrainer(Trainer):
@@ -112,7 +120,7 @@ class PretrainTrainer(Trainer):
         b, f, _, h, w = clips.shape
         sigma = shifted_sigmas(generator, b, self.model.scheduler.config.shift)
         noise = torch.randn(self.model.latent_shape(b, f, h, w), generator=generator)
-        loss = x0_loss(self.model, clips, sigma.to(dev), noise.to(dev))
+        loss = x0_loss(self.model, clips, sigma.to(dev), noise.to(dev), self.config.pretrain.edge_weight)
         return loss, {"loss": loss.detach(), "sigma": sigma.mean()}
 
     def step(self) -> dict:
