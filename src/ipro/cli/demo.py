@@ -19,15 +19,17 @@ def demo_command(
     model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded one)."),
     grpo: bool = typer.Option(False, "--grpo", help="Also train the learned identity reward model and run Identity-GRPO "
                               "with it on the multi-person inputs (about 10 more minutes on 2 cores)."),
+    seeds: int = typer.Option(3, min=1, help="Noise seeds per held-out input (videos per input). 3 gives the README's "
+                              "numbers; 1 generates and scores a third as many videos (the test uses it)."),
 ) -> None:
     """Curate real footage, evaluate the base model, fine-tune it with IPRO (and the
     ablations), evaluate again, and write a before/after report. Seeded; CPU-sized.
 
-    Reruns resume: finished steps (curation, checkpoints, videos) are kept.
+    Reruns resume: finished steps (curation, checkpoints, videos, scores) are kept.
     """
     import torch
 
     from ipro.demo import run_demo
 
     torch.manual_seed(0)
-    run_demo(out, steps=steps, sample_steps=sample_steps, ablations=ablations, model=model, grpo=grpo, log=typer.echo)
+    run_demo(out, steps=steps, sample_steps=sample_steps, ablations=ablations, model=model, grpo=grpo, seeds=seeds, log=typer.echo)
