@@ -17,6 +17,7 @@ Everything is kept in --out: a rerun resumes (finished runs, videos and scores a
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -50,17 +51,21 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     t0 = time.perf_counter()
-    summary = run_demo(out, steps=args.steps, ablations=False, model=args.model, log=lambda s: print(s, flush=True))
-    about = summary["inputs"]
+    if not (out / "eval" / "ipro" / "metrics.json").is_file():  # evaluation does not resume: score each run once
+        run_demo(out, steps=args.steps, ablations=False, model=args.model, log=lambda s: print(s, flush=True))
+    about = json.loads((out / "footage" / "inputs.json").read_text())
     heldout = out / "footage" / "heldout"
     model_path = resolve_model_path(str(args.model or "builtin"), out)
     evaluator = Evaluator()
     results = {"base": load_run(out / "eval" / "base"), "ipro": load_run(out / "eval" / "ipro")}
     for name in args.variants:
-        slug = name.replace(" ", "-").replace("=", "").lower()  # the demo's names: its KL-off and input_face runs are reused
+        slug = name.replace(",", "").replace(" ", "-").replace("=", "").lower()  # the demo's names: its KL-off and input_face runs are reused
         print(f"variant: {name} {VARIANTS[name]}", flush=True)
         lora = train_run(model_path, out / "data", out / "runs" / slug, args.steps, VARIANTS[name])
         videos = generate(model_path, lora, heldout, out / "videos" / slug, 4)
+        if (out / "eval" / slug / "metrics.json").is_file():
+            results[name] = load_run(out / "eval" / slug)
+            continue
         results[name] = evaluate(videos, heldout, out / "eval" / slug, evaluator=evaluator, baselines=[out / "eval" / "base"])
     rows = summarize(results, load_run(out / "eval" / "ground-truth"), about)
     print(table_text(rows, about))
