@@ -29,8 +29,6 @@ VARIANTS = {
     "KL 300": {"kl.weight": 300.0},
     "KL 30": {"kl.weight": 30.0},
     "K=1": {"sampler.grad_steps": 1},
-    "motion 1": {"kl.motion_weight": 1.0},
-    "motion 1, no frame 0": {"kl.motion_weight": 1.0, "reward.exclude_first_frame": True},
     "KL off": {"kl.weight": 0.0},
     "input_face mode": {"reward.mode": "input_face"},
 }

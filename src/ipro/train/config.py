@@ -157,11 +157,6 @@ class KLConfig(Section):
         "'x0': sigma_t^2 ||v - v_base||^2 = ||x0 - x0_base||^2, the KL measured on the predicted clip (independent of "
         "how the model parametrizes its output; use it for x0-predicting models, whose sigma-weighted KL grows like 1/sigma^4).",
     )
-    motion_weight: float = Field(
-        0.0, ge=0, description="Weight of a motion-keeping term beside the KL: relu(1 - E / E_base), E being the mean squared "
-        "difference between consecutive latent frames of the clean-video prediction at the last gradient step, E_base the base "
-        "model's on the same input. It costs only what the policy loses of the base model's motion (a frozen face costs up "
-        "to 1); 0 turns it off.")
 
 
 class OptimConfig(Section):

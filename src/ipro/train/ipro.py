@@ -5,11 +5,6 @@ gradient, K with), decode with the frozen VAE, score the faces against the clip'
 face pool, and minimize
 
     loss = -w * normalized R_face + beta * mean_k ||v_theta(x_k, t_k) - v_base(x_k, t_k)||^2 / (2 sigma_k^2)
-           [+ lambda * motion_deficit]
-
-The optional motion term (`kl.motion_weight`, not in the paper) charges what the clip loses
-of the base model's frame-to-frame change (`motion_deficit`): a reward on identity is
-maximized by a frozen face, which the KL alone does not prevent here.
 
 v_base is the base model (the model with its LoRA switched off, or a frozen copy for full
 fine-tuning) under the rollout's guidance; only the trained expert's steps count (`ipro.train.kl`).
@@ -22,32 +17,6 @@ import torch
 from ipro.models.offload import activations_on_cpu
 from ipro.train.kl import multistep_kl
 from ipro.train.trainer import Trainer
-
-
-def frame_change(x0: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """(B,) mean squared difference between consecutive latent frames of x0 (B, C, F, H, W),
-    over the pairs whose later frame is generated (`generated`: (F,) bool)."""
-    diff = (x0[:, :, 1:] - x0[:, :, :-1]) ** 2
-    return diff[:, :, generated[1:]].flatten(1).mean(1)
-
-
-def motion_deficit(x0: torch.Tensor, x0_base: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """(B,) relu(1 - E / E_base): the share of the base model's frame-to-frame change that x0 lost
-    (0 when it moves as much or more)."""
-    return torch.relu(1 - frame_change(x0, generated) / frame_change(x0_base, generated).clamp_min(1e-12))
-
-
-def motion_loss(model, rollout, cond) -> torch.Tensor:
-    """motion_deficit of the clean-video prediction at the last gradient step the trained
-    weights act on, against the base model's on the same input (no gradient through it)."""
-    steps = [s for s in rollout.grad_steps if model.trained_at(s.t)]
-    if not steps:
-        return torch.zeros((), device=rollout.latents.device)
-    step = steps[-1]
-    with torch.no_grad():
-        x0_base = step.x_t - step.sigma * model.base_velocity(step.x_t, step.t, cond, rollout.guidance_scale)
-    generated = model.generated_mask(cond)[0, 0, :, 0, 0] > 0
-    return motion_deficit(step.x0, x0_base, generated).mean()
 
 
 class IPROTrainer(Trainer):
@@ -90,16 +59,12 @@ class IPROTrainer(Trainer):
         reward = out.mean()
         kl = multistep_kl(self.model, rollout, cond, c.kl.weighting)
         loss = -c.reward.weight * reward + c.kl.weight * kl
-        motion = motion_loss(self.model, rollout, cond) if c.kl.motion_weight else None
-        if motion is not None:
-            loss = loss + c.kl.motion_weight * motion
         raw = out.raw[torch.isfinite(out.raw)]
         logs = {
             "loss": loss.detach(),
             "reward": reward.detach(),
             "reward_raw": raw.mean() if raw.numel() else torch.tensor(float("nan")),
             "kl": kl.detach(),
-            **({"motion_deficit": motion.detach()} if motion is not None else {}),
             "face_coverage": out.coverage.mean(),
             "grad_steps": float(rollout.num_grad_steps),
             **{f"reward/{k}": v for k, v in out.logs.items()},
