@@ -19,7 +19,6 @@ import yaml
 
 from ipro.cli.app import app
 from ipro.errors import IproError
-from ipro.models import lora_formats
 
 FORMATS = ("comfyui", "diffusers")
 EXPERTS = ("high_noise", "low_noise")  # A14B: transformer (t >= boundary), transformer_2
@@ -83,6 +82,9 @@ def export_lora(
     family: str | None = None,
 ) -> list[Path]:
     """Write the LoRA of `source` in `format`; returns the files written (one per expert)."""
+    # Imported here: ipro.models pulls in diffusers (~4 s of CPU), which every `ipro` command paid at startup.
+    from ipro.models import lora_formats
+
     if format not in FORMATS:
         raise IproError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
     file, config = find_lora(Path(source))
