@@ -60,16 +60,18 @@ def runs(dataset, tmp_path_factory):
     results = {}
     for name, beta in (("preset", preset_beta), ("kl_off", 0.0)):
         trainer = make_trainer(dataset, tmp_path_factory.mktemp(name), **{"kl.weight": beta})
-        before = training_reward(trainer)
+        # The reward is asserted on the preset run only: the KL-off run is there for its KL.
+        before = training_reward(trainer) if name == "preset" else None
         logs = [trainer.step() for _ in range(STEPS)]
-        results[name] = {"beta": beta, "before": before, "after": training_reward(trainer), "kl": [float(x["kl"]) for x in logs]}
+        after = training_reward(trainer) if name == "preset" else None
+        results[name] = {"beta": beta, "before": before, "after": after, "kl": [float(x["kl"]) for x in logs]}
     return results
 
 
 def test_twenty_steps_raise_the_face_reward_on_training_clips(runs):
     r = runs["preset"]
     # Measured (3 clips x 4 noise draws, the same videos before and after): 0.9555 -> 0.9585
-    # (+0.0030); the KL-off run +0.0031. 20 steps at the preset's lr 1e-4 is a short run:
+    # (+0.0030); the KL-off run gained +0.0031 (no longer measured). 20 steps at the preset's lr 1e-4 is a short run:
     # the demo's 60 steps move held-out FaceSim by +0.010 (README).
     assert r["after"] > r["before"] + 0.002, r
 
