@@ -107,7 +107,9 @@ def test_plan_matches_measured_peak_rss(size, tmp_path):
     cfg["data"]["dataset"] = str(tmp_path / "unused")
     if size == "medium":
         cfg["model"] = {"path": str(_medium_model(tmp_path)), "lora_rank": 16, "lora_alpha": 16, "gradient_checkpointing": True}
-        cfg["data"].update(height=128, width=160, num_frames=17)
+        # 9 frames, not 17: the same ratio (measured 0.886 at both; the measured peak is ~100 MB
+        # above the plan at any size, so a smaller model would fall below 0.85) for 2/3 of the CPU time.
+        cfg["data"].update(height=128, width=160, num_frames=9)
         cfg["sampler"] = {"num_steps": 4, "grad_steps": 2}
         cfg["reward"] = {"max_frames": 5}
         cfg["kl"] = {"weight": 1.0}
