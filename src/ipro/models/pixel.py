@@ -1,7 +1,7 @@
 """`pixel-i2v`: a small Wan transformer that works on pixels, the project's own CPU base model.
 
-The committed weights (`ipro/assets/base-model`, recipe: `configs/base-model.yaml`)
-use this family. It is a real diffusers `WanTransformer3DModel`, driven like Wan 2.2 TI2V,
+The committed weights (`ipro/assets/base-model`, trained by `method: pretrain`; its card
+gives their recipe, `configs/base-model.yaml` holds the current one) use this family. It is a real diffusers `WanTransformer3DModel`, driven like Wan 2.2 TI2V,
 but with no VAE: the "latent" is the video itself.
 
 - Latent space: pixels in [-1, 1], with each group of 4 frames stacked on the channels
