@@ -17,7 +17,6 @@ Everything is kept in --out: a rerun resumes (finished runs, videos and scores a
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -35,8 +34,8 @@ VARIANTS = {
 
 
 def main() -> None:
-    from ipro.demo import SEEDS, generate, run_demo, summarize, table_text, train_run
-    from ipro.eval import Evaluator, evaluate
+    from ipro.demo import SEEDS, evaluated, generate, run_demo, summarize, table_text, train_run
+    from ipro.eval import Evaluator
     from ipro.eval.evaluator import load_run
     from ipro.models import resolve_model_path
 
@@ -49,9 +48,8 @@ def main() -> None:
     torch.set_num_threads(2)
     out = Path(args.out)
     t0 = time.perf_counter()
-    if not (out / "eval" / "ipro" / "metrics.json").is_file():  # evaluation does not resume: score each run once
-        run_demo(out, steps=args.steps, ablations=False, model=args.model, log=lambda s: print(s, flush=True))
-    about = json.loads((out / "footage" / "inputs.json").read_text())
+    # The demo resumes: finished runs, videos and scores (ipro.demo.evaluated) are reused.
+    about = run_demo(out, steps=args.steps, ablations=False, model=args.model, log=lambda s: print(s, flush=True))["inputs"]
     heldout = out / "footage" / "heldout"
     model_path = resolve_model_path(str(args.model or "builtin"), out)
     evaluator = Evaluator()
@@ -61,10 +59,7 @@ def main() -> None:
         print(f"variant: {name} {VARIANTS[name]}", flush=True)
         lora = train_run(model_path, out / "data", out / "runs" / slug, args.steps, VARIANTS[name])
         videos = generate(model_path, lora, heldout, out / "videos" / slug, 4)
-        if (out / "eval" / slug / "metrics.json").is_file():
-            results[name] = load_run(out / "eval" / slug)
-            continue
-        results[name] = evaluate(videos, heldout, out / "eval" / slug, evaluator=evaluator, baselines=[out / "eval" / "base"])
+        results[name] = evaluated(videos, heldout, out / "eval" / slug, evaluator, baselines=[out / "eval" / "base"])
     rows = summarize(results, load_run(out / "eval" / "ground-truth"), about)
     print(table_text(rows, about))
     base = rows[0]
