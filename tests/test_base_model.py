@@ -189,6 +189,20 @@ def tiny_config(out, **overrides):
     return load_config(PRESET, {**TINY, "run.output_dir": str(out), **overrides})
 
 
+def killed_after_two_steps_then_resumed(out: Path, clips, **settings):
+    """A pretrain run killed after step 2 (what run.checkpoint_every = 2 leaves behind), then
+    resumed to its end with --resume."""
+    from ipro.train.pretrain import PretrainTrainer
+
+    killed = PretrainTrainer(tiny_config(out, **settings), dataset=clips)
+    killed.step()
+    killed.step()
+    killed.save()
+    resumed = PretrainTrainer(tiny_config(out, **settings), dataset=clips)
+    resumed.train(resume=True)
+    return resumed
+
+
 @pytest.fixture(scope="module")
 def tiny_clips():
     from ipro.data.base_clips import BaseClips
@@ -242,12 +256,7 @@ def test_pretrain_resumes_exactly_and_saves_its_ema_as_a_loadable_model(tiny_cli
     straight = PretrainTrainer(tiny_config(tmp_path / "straight", **settings), dataset=tiny_clips)
     start = {k: p.detach().clone() for k, p in straight.named_params.items()}
     straight.train()
-    killed = PretrainTrainer(tiny_config(tmp_path / "killed", **settings), dataset=tiny_clips)
-    killed.step()
-    killed.step()
-    killed.save()  # what run.checkpoint_every = 2 leaves behind a kill after step 2
-    resumed = PretrainTrainer(tiny_config(tmp_path / "killed", **settings), dataset=tiny_clips)
-    resumed.train(resume=True)
+    resumed = killed_after_two_steps_then_resumed(tmp_path / "killed", tiny_clips, **settings)
     assert resumed.global_step == 4
     assert any(not torch.equal(start[k], p) for k, p in straight.named_params.items())  # it trained
     for k, p in straight.named_params.items():

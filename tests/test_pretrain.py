@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ipro.models import load_model
 
-from test_base_model import tiny_config
+from test_base_model import killed_after_two_steps_then_resumed, tiny_config
 
 SETTINGS = {"optim.steps": 4, "run.checkpoint_every": 2, "optim.ema_decay": 0.9, "pretrain.edge_weight": 4.0,
             "model.architecture": {"dim": 16, "layers": 1, "heads": 1, "ffn": 32, "refiner_channels": 4}}
@@ -40,12 +40,7 @@ def test_the_refiner_trains_with_the_transformer_and_resumes_exactly(tiny_clips,
     assert not torch.equal(start["transformer.proj_out.weight"], straight.named_params["transformer.proj_out.weight"])
     assert refiner <= set(load_checkpoint(list_checkpoints(tmp_path / "straight")[-1])["ema"])
 
-    killed = PretrainTrainer(tiny_config(tmp_path / "killed", **SETTINGS), dataset=tiny_clips)
-    killed.step()
-    killed.step()
-    killed.save()  # what run.checkpoint_every = 2 leaves behind a kill after step 2
-    resumed = PretrainTrainer(tiny_config(tmp_path / "killed", **SETTINGS), dataset=tiny_clips)
-    resumed.train(resume=True)
+    resumed = killed_after_two_steps_then_resumed(tmp_path / "killed", tiny_clips, **SETTINGS)
     assert resumed.global_step == 4
     for k, p in straight.named_params.items():
         assert torch.equal(p, resumed.named_params[k]) and torch.equal(straight.ema[k], resumed.ema[k]), k
