@@ -22,6 +22,10 @@ but with no VAE: the "latent" is the video itself.
   0.2, not ~0 where v and the multi-step KL on v would blow up.
 - No text conditioning: prompts are accepted and ignored (a fixed all-zero text token), so
   classifier-free guidance has no effect and is skipped.
+- Optional overlapping output (a transformer with 4 x 12 output channels; the committed model
+  has 12): each token writes a 16x16 patch centred on its 8x8 one, weighted by a tent window
+  that sums to 1 across neighbours, so no token boundary is a step in the picture and the
+  8-pixel grid has nothing to show (`overlap_add`).
 - Optional refiner (a `refiner/` folder; the committed model has none): two 3x3 convolutions
   at full resolution plus a per-patch-position seam filter (`Refiner`) that add a correction
   to the change, seeing the change alone (a learned unpatchify). Patches are made one token
@@ -58,19 +62,21 @@ TEXT_DIM = 16
 # output while v = (x_t - x0) / sigma (and the multi-step KL on v) blows up there.
 SHIFT_TERMINAL = 0.2
 SEAM_TAPS = 5  # the refiner's seam filter: 2 pixels either side
+OVERLAP_QUADRANTS = 4  # an overlapping token's 16x16 patch is 2 x 2 of its 8x8 ones
 
 # The committed base model (see its MODEL_CARD.md).
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "assets" / "base-model"
 
 
-def default_transformer_config(dim: int = 192, layers: int = 4, heads: int = 6, ffn: int = 768) -> dict:
-    """WanTransformer3DModel arguments; the defaults are the committed model's."""
+def default_transformer_config(dim: int = 192, layers: int = 4, heads: int = 6, ffn: int = 768, overlap: bool = False) -> dict:
+    """WanTransformer3DModel arguments; the defaults are the committed model's. overlap: each
+    token outputs a 16x16 patch (4 x 12 channels per pixel of its 8x8 one), see `overlap_add`."""
     return dict(
         patch_size=PATCH,
         num_attention_heads=heads,
         attention_head_dim=dim // heads,
         in_channels=CHANNELS,
-        out_channels=CHANNELS,
+        out_channels=CHANNELS * OVERLAP_QUADRANTS if overlap else CHANNELS,
         text_dim=TEXT_DIM,
         freq_dim=64,
         ffn_dim=ffn,
@@ -95,6 +101,48 @@ class PatchEmbedding(torch.nn.Conv3d):
         patches = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)
         out = F.linear(patches, self.weight.flatten(1), self.bias)  # (B, F', H', W', dim)
         return out.permute(0, 4, 1, 2, 3)
+
+
+def _tent(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis of `size` pixels: the window weight of the first and second half of each
+    token's 16-pixel patch at every pixel (w(k) + w(k + 8) = 1: a partition of unity)."""
+    p = PATCH[1]
+    k = torch.arange(p, device=device, dtype=torch.float32)
+    first, second = (k + 0.5) / p, (p - k - 0.5) / p
+    return first.repeat(size // p), second.repeat(size // p)
+
+
+def _shift(x: torch.Tensor, by: int, dim: int) -> torch.Tensor:
+    """x moved `by` pixels along `dim` (out[i] = x[i - by]), zeros shifted in."""
+    n = x.shape[dim]
+    out = torch.zeros_like(x)
+    if by >= 0:
+        out.narrow(dim, by, n - by).copy_(x.narrow(dim, 0, n - by))
+    else:
+        out.narrow(dim, 0, n + by).copy_(x.narrow(dim, -by, n + by))
+    return out
+
+
+def overlap_add(raw: torch.Tensor) -> torch.Tensor:
+    """(B, 4 x 12, N, H, W) -> (B, 12, N, H, W): the transformer's per-token 16x16 patches, each
+    centred on its token's 8x8 patch (4 pixels beyond each side), tent-weighted and summed.
+
+    raw's channels are (row half, column half, 12): at a pixel of token (i, j)'s 8x8 patch, half
+    (a, b) is the patch's pixel 8a + y, 8b + x, which lies 8a - 4 rows and 8b - 4 columns away.
+    Within 4 pixels of the border, where a neighbour is missing, the weights are renormalised."""
+    b, c, n, h, w = raw.shape
+    half = PATCH[1] // 2
+    raw = raw.float().reshape(b, 2, 2, CHANNELS, n, h, w)
+    wy, wx = _tent(h, raw.device), _tent(w, raw.device)
+    out = raw.new_zeros(b, CHANNELS, n, h, w)
+    norm_y, norm_x = raw.new_zeros(h), raw.new_zeros(w)
+    for a in range(2):
+        norm_y += _shift(wy[a], (2 * a - 1) * half, 0)
+        norm_x += _shift(wx[a], (2 * a - 1) * half, 0)
+        for bb in range(2):
+            part = raw[:, a, bb] * wy[a][:, None] * wx[bb]
+            out = out + _shift(_shift(part, (2 * a - 1) * half, -2), (2 * bb - 1) * half, -1)
+    return out / (norm_y[:, None] * norm_x)
 
 
 class Refiner(torch.nn.Module):
@@ -158,7 +206,8 @@ class Denoiser(torch.nn.Module):
         self.transformer, self.refiner = transformer, refiner
 
     def forward(self, **inputs) -> tuple[torch.Tensor]:
-        return (self.refiner(self.transformer(**inputs)[0]),)
+        raw = self.transformer(**inputs)[0]
+        return (self.refiner(overlap_add(raw) if raw.shape[1] != CHANNELS else raw),)
 
 
 def pack(video: torch.Tensor) -> torch.Tensor:
@@ -243,7 +292,8 @@ class PixelI2V(VideoModel):
 
     @classmethod
     def from_config(cls, shift: float = 2.0, refiner_channels: int = 0, **transformer_options) -> "PixelI2V":
-        """A new model with random weights (training from scratch); refiner_channels > 0 adds a refiner."""
+        """A new model with random weights (training from scratch); refiner_channels > 0 adds a
+        refiner, overlap=True the overlapping output."""
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
         transformer = WanTransformer3DModel(**default_transformer_config(**transformer_options))
@@ -273,11 +323,14 @@ class PixelI2V(VideoModel):
 
     def __init__(self, transformer, scheduler, refiner: Refiner | None = None):
         config = transformer.config
-        if tuple(config.patch_size) != PATCH or config.in_channels != CHANNELS or config.out_channels != CHANNELS:
+        outs = (CHANNELS, CHANNELS * OVERLAP_QUADRANTS)
+        if tuple(config.patch_size) != PATCH or config.in_channels != CHANNELS or config.out_channels not in outs:
             raise IproError(
                 f"{self.family}: the transformer has patch_size={tuple(config.patch_size)}, in/out channels "
-                f"{config.in_channels}/{config.out_channels}; the family expects {PATCH} and {CHANNELS}"
+                f"{config.in_channels}/{config.out_channels}; the family expects {PATCH}, {CHANNELS} in and {outs[0]} "
+                f"or {outs[1]} (overlapping) out"
             )
+        self.overlap = config.out_channels != CHANNELS
         transformer.patch_embedding.__class__ = PatchEmbedding  # a forward that is right in bf16 (see its docstring)
         self.transformer = transformer.requires_grad_(False)
         self.scheduler = scheduler
@@ -407,8 +460,9 @@ class PixelI2V(VideoModel):
             encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
             return_dict=False,
         )[0]
-        if self.refiner is not None and (base or self._denoiser is None):  # else the Denoiser ran it
-            change = self.refiner(change)
+        if base or self._denoiser is None:  # else the Denoiser did this
+            change = overlap_add(change) if self.overlap else change
+            change = change if self.refiner is None else self.refiner(change)
         return cond.image_latents + change.float()
 
     def velocity(self, x_t, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:

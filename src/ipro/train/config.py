@@ -208,6 +208,8 @@ class ArchitectureConfig(Section):
     layers: int = Field(4, ge=1, description="Transformer blocks.")
     heads: int = Field(6, ge=1, description="Attention heads; must divide dim.")
     ffn: int = Field(768, ge=1, description="Hidden width of each block's feed-forward layer.")
+    overlap: bool = Field(False, description="Overlapping output: each token writes a 16x16 patch blended with its "
+                          "neighbours' by a tent window (4x the output channels), so the 8x8 token grid leaves no seams.")
     refiner_channels: int = Field(0, ge=0, description="Channels of the refiner (two 3x3 convolutions and a seam filter on the "
                                   "transformer's change at full resolution, trained with it); 0: no refiner.")
 
