@@ -12,10 +12,16 @@ reference, unless the model is that one):
 - FaceSim fall (first quarter minus last quarter of the clip, vs the input face): bar =
   at least half of the committed model's fall, with faces found in >= 90% of frames.
 
+Videos are stored with H.264 at --crf, real and generated alike. The default, 0, keeps the
+luma lossless, so blockiness reads the model's own block pattern: at `ipro generate`'s
+default crf 18 the codec adds 8x8 edges of its own, more to noisy generated frames than to
+the real clips (measured 2026-12-03: a model with raw blockiness 0.97-1.07, real clips
+0.99-1.03, reads 1.18-1.28 against the real clips' 1.06-1.11 at crf 18; benchmarks/RESULTS.md).
+
 Generated videos and eval results are kept under --work (a rerun reuses them; delete a
 model's folder there after retraining it).
 
-    python benchmarks/base_model_quality.py [MODEL_DIR ...] [--work DIR] [--steps 4]
+    python benchmarks/base_model_quality.py [MODEL_DIR ...] [--work DIR] [--steps 4] [--crf 0]
 """
 
 from __future__ import annotations
@@ -31,20 +37,20 @@ import torch
 METRICS = ("blockiness", "motion_px", "face_sim_fall", "face_coverage", "face_sim", "dynamic_degree")
 
 
-def heldout_inputs(work: Path) -> Path:
+def heldout_inputs(work: Path, crf: int) -> Path:
     """The demo's carphone held-out items: name_sSEED.png and its real clip name_sSEED.mp4."""
     from ipro.data.footage import carphone
     from ipro.data.video import write_image, write_video
     from ipro.demo import FRAME_STEP, HELDOUT_STARTS, NUM_FRAMES, SEEDS, _fit, seeded
 
-    inputs = work / "inputs"
+    inputs = work / f"inputs-crf{crf}"
     video = carphone()
     for start in HELDOUT_STARTS:
         clip = _fit(video[start : start + FRAME_STEP * NUM_FRAMES : FRAME_STEP])
         for seed in SEEDS:
             item = inputs / seeded(f"carphone_{start}", seed)
             if not item.with_suffix(".mp4").is_file():
-                write_video(item.with_suffix(".mp4"), clip, fps=16)
+                write_video(item.with_suffix(".mp4"), clip, fps=16, crf=crf)
                 write_image(item.with_suffix(".png"), clip[0])
     return inputs
 
@@ -57,11 +63,11 @@ def scores(videos: Path, inputs: Path, out: Path, evaluator) -> dict:
     return {k: result["aggregate"][k]["mean"] for k in METRICS}
 
 
-def generated(model_dir: Path, inputs: Path, out: Path, steps: int) -> Path:
+def generated(model_dir: Path, inputs: Path, out: Path, steps: int, crf: int) -> Path:
     from ipro.demo import NUM_FRAMES
     from ipro.generate import generate_folder
 
-    return generate_folder(model_dir, None, inputs, out, num_frames=NUM_FRAMES, steps=steps)
+    return generate_folder(model_dir, None, inputs, out, num_frames=NUM_FRAMES, steps=steps, crf=crf)
 
 
 def bars(model: dict, real: dict, reference: dict) -> dict:
@@ -81,6 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("models", nargs="*", default=["builtin"], help="model folders (default: the committed pixel-i2v)")
     parser.add_argument("--work", default="/tmp/ipro-base-model-quality", help="where videos and eval results are kept")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--crf", type=int, default=0, help="H.264 quality of every stored video (0: lossless luma)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from ipro.eval import Evaluator
@@ -88,18 +95,18 @@ def main(argv=None) -> None:
 
     work = Path(args.work)
     t0 = time.perf_counter()
-    inputs = heldout_inputs(work)
+    inputs = heldout_inputs(work, args.crf)
     evaluator = Evaluator()
-    real = scores(inputs, inputs, work / "eval" / "real", evaluator)
+    real = scores(inputs, inputs, work / "eval" / f"real-crf{args.crf}", evaluator)
     builtin = resolve_model_path("builtin", work)
     # A run's folder is runs/NAME/model: name it by its last two parts.
     models = {"committed": builtin, **{"_".join(Path(m).parts[-2:]): resolve_model_path(m, work) for m in args.models if m != "builtin"}}
     rows = {}
     for name, path in models.items():
-        slug = f"{name}-{args.steps}steps"
-        videos = generated(path, inputs, work / "videos" / slug, args.steps)
+        slug = f"{name}-{args.steps}steps-crf{args.crf}"
+        videos = generated(path, inputs, work / "videos" / slug, args.steps, args.crf)
         rows[name] = scores(videos, inputs, work / "eval" / slug, evaluator)
-    print(f"held-out carphone clips, 12 videos (4 inputs x 3 seeds), 128x160x9, {args.steps} steps; "
+    print(f"held-out carphone clips, 12 videos (4 inputs x 3 seeds), 128x160x9, {args.steps} steps, crf {args.crf}; "
           f"{(time.perf_counter() - t0) / 60:.1f} min")
     print("| model | " + " | ".join(METRICS) + " | blockiness / real | motion / real | FaceSim fall / committed |")
     print("|---" * (len(METRICS) + 4) + "|")

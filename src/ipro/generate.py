@@ -131,6 +131,7 @@ def generate(
     subjects: Sequence[Image] | Sequence[Sequence[Image]] | torch.Tensor | None = None,
     negative_prompt: str = "",
     fps: float | None = None,
+    crf: int = 18,
     overwrite: bool = True,
     metadata: dict | None = None,
     progress=None,
@@ -146,6 +147,8 @@ def generate(
     num_frames, height, width: default to the model's frames and the first image's aspect
         at the model's area. steps, guidance_scale, shift: default to the model's.
     subjects: subject images (the people to keep) for every video (Wan VACE, Phantom), or one list per video.
+    crf: H.264 quality of the mp4 (0: lossless luma; 18, the default, is visually lossless but
+        adds the codec's own 8x8 block edges to noisy frames, which `ipro eval`'s blockiness reads).
     overwrite: False keeps videos already in out_dir (and samples only the missing ones).
     metadata: more entries for each .json (e.g. the model's path, its LoRA).
     progress: called with the number of videos done after each one.
@@ -204,6 +207,7 @@ def generate(
         "guidance": float(model.default_guidance if guidance_scale is None else guidance_scale),
         "shift": shift if shift is not None else model.scheduler.config.get("shift", model.scheduler.config.get("flow_shift")),
         "fps": fps,
+        "crf": crf,
         "ipro_version": __version__,
         **(metadata or {}),
     }
@@ -214,7 +218,7 @@ def generate(
     )
     for done, (i, video) in enumerate(zip(todo, videos), 1):
         frames = (video.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-        write_video(paths[i], frames, fps=fps)
+        write_video(paths[i], frames, fps=fps, crf=crf)
         image = images[i] if images else None
         record = {"video": paths[i].name, "image": str(image) if isinstance(image, (str, Path)) else None,
                   "prompt": prompts[i], "seed": seeds[i], **settings}
@@ -226,7 +230,7 @@ def generate(
 
 
 def generate_folder(model_path: str | Path, lora: str | Path | None, inputs: Path, out: Path, *, num_frames: int, steps: int,
-                    prompt: str = "a person talking") -> Path:
+                    prompt: str = "a person talking", crf: int = 18) -> Path:
     """One video per NAME_sSEED.png in `inputs`, animated with SEED at the image's size and
     written as out/NAME_sSEED.mp4 (how `ipro demo` lays out its held-out inputs). Videos
     already in `out` are kept, and the model is not even loaded when none is missing, so a
@@ -237,6 +241,6 @@ def generate_folder(model_path: str | Path, lora: str | Path | None, inputs: Pat
     if todo:
         height, width = read_image(todo[0]).shape[:2]
         generate(load_model(model_path, lora=lora), todo, out, prompts=prompt, seeds=[int(p.stem.rsplit("_s", 1)[1]) for p in todo],
-                 num_frames=num_frames, height=height, width=width, steps=steps, fps=16, overwrite=False,
+                 num_frames=num_frames, height=height, width=width, steps=steps, fps=16, crf=crf, overwrite=False,
                  metadata={"model": str(model_path), "lora": str(lora) if lora else None})
     return Path(out)

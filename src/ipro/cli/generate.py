@@ -56,6 +56,7 @@ def generate(
     shift: float = typer.Option(None, "--shift", help="Override the scheduler's timestep shift."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Videos generated at once."),
     fps: float = typer.Option(None, "--fps", help="Frame rate of the written mp4 (default: the model family's)."),
+    crf: int = typer.Option(18, "--crf", min=0, max=51, help="H.264 quality (lower is better): 18 looks lossless; 0 stores the luma losslessly, for measuring a model's own block pattern (the codec adds 8x8 edges to noisy frames)."),
     device: str = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda when available)."),
 ) -> None:
     """Generate a video from each image with a Wan image-to-video model."""
@@ -114,6 +115,6 @@ def generate(
         paths = generate_videos(
             vm, images or None, out, prompts=all_prompts, seeds=seed, names=names, num_frames=num_frames, height=height,
             width=width, steps=steps, guidance_scale=guidance, shift=shift, batch_size=batch_size, subjects=subject or None,
-            negative_prompt=negative_prompt, fps=fps, metadata=metadata, progress=lambda done: progress.update(task, completed=done),
+            negative_prompt=negative_prompt, fps=fps, crf=crf, metadata=metadata, progress=lambda done: progress.update(task, completed=done),
         )
     typer.echo(f"wrote {len(paths)} video(s) to {out}")
