@@ -224,8 +224,9 @@ def test_the_preset_is_the_recipe_on_the_committed_architecture_and_bad_keys_are
     assert json.loads((BUILTIN_PATH / "scheduler" / "scheduler_config.json").read_text())["shift"] == cfg.model.shift
     o, d = cfg.optim, cfg.data
     assert (o.optimizer, o.lr, o.weight_decay, o.betas, o.steps, o.warmup_steps, o.lr_cosine_to, o.ema_decay, o.mixed_precision) == \
-        ("adamw", 5e-4, 0.01, (0.9, 0.99), 2500, 100, 0.1, 0.998, "no")
-    assert (cfg.model.architecture.refiner_channels, cfg.pretrain.edge_weight) == (32, 4.0)
+        ("adamw", 5e-4, 0.01, (0.9, 0.99), 500, 100, 0.1, 0.998, "no")
+    a = cfg.model.architecture
+    assert (a.overlap, a.refiner_channels, cfg.pretrain.edge_weight) == (True, 0, 4.0)
     assert (d.height, d.width, d.num_frames, d.batch_size) == (128, 160, 9, 4)
     refused = {
         "'data.dataset' is not a setting of method 'pretrain'": {"data.dataset": "runs/data"},
@@ -234,7 +235,7 @@ def test_the_preset_is_the_recipe_on_the_committed_architecture_and_bad_keys_are
         "model.architecture: only for a new model": {"model.path": "builtin"},
         "only 'new:pixel-i2v'": {"model.path": "new:wan2.1-i2v"},
         "heads (5) must divide": {"model.architecture.heads": 5},
-        "pretrain.held_out_every (500) must be a multiple of run.log_every (3)": {"run.log_every": 3},
+        "pretrain.held_out_every (250) must be a multiple of run.log_every (3)": {"run.log_every": 3},
         "data.num_frames must be 4k+1": {"data.num_frames": 11},
     }
     for message, overrides in refused.items():

@@ -22,8 +22,8 @@ but with no VAE: the "latent" is the video itself.
   0.2, not ~0 where v and the multi-step KL on v would blow up.
 - No text conditioning: prompts are accepted and ignored (a fixed all-zero text token), so
   classifier-free guidance has no effect and is skipped.
-- Optional overlapping output (a transformer with 4 x 12 output channels; the committed model
-  has 12): each token writes a 16x16 patch centred on its 8x8 one, weighted by a tent window
+- Overlapping output (a transformer with 4 x 12 output channels, as the committed model has;
+  with 12, each token writes its own 8x8 patch): each token writes a 16x16 patch centred on its 8x8 one, weighted by a tent window
   that sums to 1 across neighbours, so no token boundary is a step in the picture and the
   8-pixel grid has nothing to show (`overlap_add`).
 - Optional refiner (a `refiner/` folder; the committed model has none): two 3x3 convolutions
@@ -69,7 +69,7 @@ BUILTIN_PATH = Path(__file__).resolve().parent.parent / "assets" / "base-model"
 
 
 def default_transformer_config(dim: int = 192, layers: int = 4, heads: int = 6, ffn: int = 768, overlap: bool = False) -> dict:
-    """WanTransformer3DModel arguments; the defaults are the committed model's. overlap: each
+    """WanTransformer3DModel arguments; the committed model's are the defaults with overlap=True. overlap: each
     token outputs a 16x16 patch (4 x 12 channels per pixel of its 8x8 one), see `overlap_add`."""
     return dict(
         patch_size=PATCH,

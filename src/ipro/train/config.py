@@ -202,7 +202,7 @@ class SFTSection(Section):
 
 
 class ArchitectureConfig(Section):
-    """The transformer of a new pixel-i2v model (defaults: the embedded base model's)."""
+    """The transformer of a new pixel-i2v model (the embedded base model's: these defaults with overlap: true)."""
 
     dim: int = Field(192, ge=8, description="Transformer width (heads x head dimension).")
     layers: int = Field(4, ge=1, description="Transformer blocks.")
