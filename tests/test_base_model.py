@@ -219,14 +219,14 @@ def test_the_preset_is_the_recipe_on_the_committed_architecture_and_bad_keys_are
     cfg = load_config(PRESET)
     assert type(cfg).__name__ == "PretrainConfig" and cfg.model.path == "new:pixel-i2v" and cfg.run.seed == 0
     committed = WanTransformer3DModel.load_config(BUILTIN_PATH / "transformer")
-    built = default_transformer_config(**cfg.model.architecture.model_dump(exclude={"refiner_channels"}))
+    built = default_transformer_config(**cfg.model.architecture.model_dump())
     assert all(committed[k] == (list(v) if isinstance(v, tuple) else v) for k, v in built.items())
     assert json.loads((BUILTIN_PATH / "scheduler" / "scheduler_config.json").read_text())["shift"] == cfg.model.shift
     o, d = cfg.optim, cfg.data
     assert (o.optimizer, o.lr, o.weight_decay, o.betas, o.steps, o.warmup_steps, o.lr_cosine_to, o.ema_decay, o.mixed_precision) == \
         ("adamw", 5e-4, 0.01, (0.9, 0.99), 500, 100, 0.1, 0.998, "no")
     a = cfg.model.architecture
-    assert (a.overlap, a.refiner_channels, cfg.pretrain.edge_weight) == (True, 0, 4.0)
+    assert (a.overlap, cfg.pretrain.edge_weight) == (True, 4.0)
     assert (d.height, d.width, d.num_frames, d.batch_size) == (128, 160, 9, 4)
     refused = {
         "'data.dataset' is not a setting of method 'pretrain'": {"data.dataset": "runs/data"},

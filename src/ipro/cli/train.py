@@ -30,7 +30,7 @@ def train_command(
     """Fine-tune with IPRO (reward feedback through the last K sampler steps plus a multi-step KL),
     Identity-GRPO (--method grpo: group rollouts with the SDE sampler, clipped policy update)
     or the SFT baseline (--method sft); or train a base model in full on footage that ships
-    in packages (method: pretrain, e.g. configs/base-model.yaml: a refiner recipe under trial; the embedded model's is in its model card).
+    in packages (method: pretrain, e.g. configs/base-model.yaml: the embedded model's recipe).
 
     The config is one class per method (its `method` key): a key of another method is refused,
     naming it. It is validated before any compute, and on a GPU the step's planned peak memory

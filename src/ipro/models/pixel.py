@@ -26,14 +26,6 @@ but with no VAE: the "latent" is the video itself.
   with 12, each token writes its own 8x8 patch): each token writes a 16x16 patch centred on its 8x8 one, weighted by a tent window
   that sums to 1 across neighbours, so no token boundary is a step in the picture and the
   8-pixel grid has nothing to show (`overlap_add`).
-- Optional refiner (a `refiner/` folder; the committed model has none): two 3x3 convolutions
-  at full resolution plus a per-patch-position seam filter (`Refiner`) that add a correction
-  to the change, seeing the change alone (a learned unpatchify). Patches are made one token
-  each, so the change has seams on the 8-pixel grid; the refiner can blend across them. It
-  does not see the first frame or the noisy input:
-  given those, a short training taught it to blur away the first frame's detail
-  (benchmarks/RESULTS.md, base-model quality). Pretraining trains it with the transformer
-  (`train_refiner`); fine-tuning (LoRA or full) leaves it frozen.
 """
 
 from __future__ import annotations
@@ -61,7 +53,6 @@ TEXT_DIM = 16
 # its final video at its last call, so a call at sigma ~ 0 would be the one that decides the
 # output while v = (x_t - x0) / sigma (and the multi-step KL on v) blows up there.
 SHIFT_TERMINAL = 0.2
-SEAM_TAPS = 5  # the refiner's seam filter: 2 pixels either side
 OVERLAP_QUADRANTS = 4  # an overlapping token's 16x16 patch is 2 x 2 of its 8x8 ones
 
 # The committed base model (see its MODEL_CARD.md).
@@ -145,71 +136,6 @@ def overlap_add(raw: torch.Tensor) -> torch.Tensor:
     return out / (norm_y[:, None] * norm_x)
 
 
-class Refiner(torch.nn.Module):
-    """change += conv(gelu(conv(change))) + seam taps, per latent frame, in float32 (CPU
-    bfloat16 convolutions are unreliable here, see `PatchEmbedding`).
-
-    The seam taps are a linear filter per channel whose weights depend on the pixel's position
-    within its 8x8 patch: SEAM_TAPS taps across and SEAM_TAPS down. The 3x3 convolutions are
-    the same everywhere, so they cannot tell a seam on the patch grid from an edge in the
-    picture; the taps can (measured: benchmarks/RESULTS.md, base-model quality). Everything
-    that adds to the change starts at zero, so a new refiner changes nothing."""
-
-    def __init__(self, channels: int = 32) -> None:
-        super().__init__()
-        self.channels = channels
-        self.conv_in = torch.nn.Conv2d(CHANNELS, channels, 3, padding=1)
-        self.conv_out = torch.nn.Conv2d(channels, CHANNELS, 3, padding=1)
-        torch.nn.init.zeros_(self.conv_out.weight)
-        torch.nn.init.zeros_(self.conv_out.bias)
-        self.across = torch.nn.Parameter(torch.zeros(CHANNELS, PATCH[2], SEAM_TAPS))  # (channel, x within the patch, tap)
-        self.down = torch.nn.Parameter(torch.zeros(CHANNELS, PATCH[1], SEAM_TAPS))
-
-    def forward(self, change: torch.Tensor) -> torch.Tensor:
-        b, c, n, h, w = change.shape
-        x = change.float().permute(0, 2, 1, 3, 4).reshape(b * n, c, h, w)
-        with torch.autocast(x.device.type, enabled=False):
-            out = self.conv_out(F.gelu(self.conv_in(x)))
-            r = SEAM_TAPS // 2
-            across = self.across.repeat(1, w // PATCH[2], 1)  # (c, w, taps): each pixel column's taps
-            down = self.down.repeat(1, h // PATCH[1], 1)
-            xp, yp = F.pad(x, (r, r, 0, 0), mode="replicate"), F.pad(x, (0, 0, r, r), mode="replicate")
-            for t in range(SEAM_TAPS):
-                out = out + across[None, :, None, :, t] * xp[..., t : t + w] + down[None, :, :, None, t] * yp[..., t : t + h, :]
-        return change.float() + out.reshape(b, n, c, h, w).permute(0, 2, 1, 3, 4)
-
-    def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "refiner.safetensors")
-        (folder / "config.json").write_text(json.dumps({"channels": self.channels}) + "\n")
-
-    @classmethod
-    def load(cls, folder: Path) -> "Refiner":
-        from safetensors.torch import load_file
-
-        try:
-            refiner = cls(**json.loads((folder / "config.json").read_text()))
-            refiner.load_state_dict(load_file(folder / "refiner.safetensors"))
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
-            raise IproError(f"{folder}: not a readable pixel-i2v refiner ({e}); delete the folder or re-save the model") from None
-        return refiner
-
-
-class Denoiser(torch.nn.Module):
-    """The transformer then the refiner, as one module: what pretraining trains, so that DDP
-    wraps (and all-reduces) both and the checkpoints and EMA hold both."""
-
-    def __init__(self, transformer, refiner: Refiner) -> None:
-        super().__init__()
-        self.transformer, self.refiner = transformer, refiner
-
-    def forward(self, **inputs) -> tuple[torch.Tensor]:
-        raw = self.transformer(**inputs)[0]
-        return (self.refiner(overlap_add(raw) if raw.shape[1] != CHANNELS else raw),)
-
-
 def pack(video: torch.Tensor) -> torch.Tensor:
     """(B, 3, F, H, W) in [0, 1] with F = 4k+1 -> (B, 12, k+1, H, W) in [-1, 1]."""
     b, c, f, h, w = video.shape
@@ -283,22 +209,22 @@ class PixelI2V(VideoModel):
         with loading_components(path):
             transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype or torch.float32)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        refiner = Refiner.load(path / "refiner") if (path / "refiner").is_dir() else None
-        model = cls(transformer, scheduler, refiner)
+        if (path / "refiner").is_dir():
+            raise IproError(f"{path}: has a refiner/ folder, which ipro no longer reads (the overlapping output replaced it); retrain "
+                            "with configs/base-model.yaml or use a model without one")
+        model = cls(transformer, scheduler)
         model.start_finetuning(finetune, lora, rank=lora_rank, alpha=lora_alpha, targets=lora_targets)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         return model.to(device)
 
     @classmethod
-    def from_config(cls, shift: float = 2.0, refiner_channels: int = 0, **transformer_options) -> "PixelI2V":
-        """A new model with random weights (training from scratch); refiner_channels > 0 adds a
-        refiner, overlap=True the overlapping output."""
+    def from_config(cls, shift: float = 2.0, **transformer_options) -> "PixelI2V":
+        """A new model with random weights (training from scratch); overlap=True: the overlapping output."""
         from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
         transformer = WanTransformer3DModel(**default_transformer_config(**transformer_options))
-        refiner = Refiner(refiner_channels) if refiner_channels else None
-        return cls(transformer, FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=SHIFT_TERMINAL), refiner)
+        return cls(transformer, FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=SHIFT_TERMINAL))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write model_index.json, transformer/ (safetensors) and scheduler/ under `path`."""
@@ -309,8 +235,6 @@ class PixelI2V(VideoModel):
         with quiet_loading():
             self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
             self.scheduler.save_pretrained(path / "scheduler")
-        if self.refiner is not None:
-            self.refiner.save(path / "refiner")
         index = {
             "_class_name": PIPELINE_NAME,
             "_diffusers_version": diffusers.__version__,
@@ -321,7 +245,7 @@ class PixelI2V(VideoModel):
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return path
 
-    def __init__(self, transformer, scheduler, refiner: Refiner | None = None):
+    def __init__(self, transformer, scheduler):
         config = transformer.config
         outs = (CHANNELS, CHANNELS * OVERLAP_QUADRANTS)
         if tuple(config.patch_size) != PATCH or config.in_channels != CHANNELS or config.out_channels not in outs:
@@ -334,11 +258,9 @@ class PixelI2V(VideoModel):
         transformer.patch_embedding.__class__ = PatchEmbedding  # a forward that is right in bf16 (see its docstring)
         self.transformer = transformer.requires_grad_(False)
         self.scheduler = scheduler
-        self.refiner = None if refiner is None else refiner.requires_grad_(False).to(transformer.device)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.device = transformer.device
         self.finetune: str | None = None
-        self._denoiser: Denoiser | None = None  # set while the refiner trains (pretraining)
         self._frozen: torch.nn.Module | None = None  # full fine-tuning: the weights before training
         self._use_base = False
 
@@ -349,8 +271,6 @@ class PixelI2V(VideoModel):
     def to(self, device) -> "PixelI2V":
         self.device = torch.device(device)
         self.transformer.to(self.device)
-        if self.refiner is not None:
-            self.refiner.to(self.device)
         if self._frozen is not None:
             self._frozen.to(self.device)
         return self
@@ -359,19 +279,12 @@ class PixelI2V(VideoModel):
 
     @property
     def trainable_module(self) -> torch.nn.Module:
-        return self.transformer if self._denoiser is None else self._denoiser
+        return self.transformer
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.finetune is None:
             return []
-        return [p for p in self.trainable_module.parameters() if p.requires_grad]
-
-    def train_refiner(self) -> None:
-        """Pretraining: the refiner trains with the transformer (after full fine-tuning is set
-        up). Its parameters are then named refiner.* and the transformer's transformer.*."""
-        if self.finetune != "full" or self.refiner is None:
-            raise ValueError("train_refiner needs a model with a refiner, set up for full fine-tuning")
-        self._denoiser = Denoiser(self.transformer, self.refiner.requires_grad_(True))
+        return [p for p in self.transformer.parameters() if p.requires_grad]
 
     def setup_finetuning(self, finetune: str | None, rank: int = 16, alpha: float | None = None, targets=DEFAULT_LORA_TARGETS) -> None:
         self.finetune = finetune
@@ -460,9 +373,7 @@ class PixelI2V(VideoModel):
             encoder_hidden_states=cond.prompt_embeds.to(self.dtype),
             return_dict=False,
         )[0]
-        if base or self._denoiser is None:  # else the Denoiser did this
-            change = overlap_add(change) if self.overlap else change
-            change = change if self.refiner is None else self.refiner(change)
+        change = overlap_add(change) if self.overlap else change
         return cond.image_latents + change.float()
 
     def velocity(self, x_t, t, cond: Condition, guidance_scale: float = 1.0) -> torch.Tensor:

@@ -210,8 +210,6 @@ class ArchitectureConfig(Section):
     ffn: int = Field(768, ge=1, description="Hidden width of each block's feed-forward layer.")
     overlap: bool = Field(False, description="Overlapping output: each token writes a 16x16 patch blended with its "
                           "neighbours' by a tent window (4x the output channels), so the 8x8 token grid leaves no seams.")
-    refiner_channels: int = Field(0, ge=0, description="Channels of the refiner (two 3x3 convolutions and a seam filter on the "
-                                  "transformer's change at full resolution, trained with it); 0: no refiner.")
 
     @model_validator(mode="after")
     def _heads(self):

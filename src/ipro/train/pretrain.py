@@ -6,15 +6,14 @@ written as the mean squared error of the model's clean-video prediction x0 on th
 frames (the velocity loss times sigma^2: the velocity loss would weight the near-clean steps
 by up to 1/sigma^2). sigma is uniform in [0, 1], then shifted by the model's scheduler shift,
 so training sees the noise levels the sampler visits. With `pretrain.edge_weight`, the squared
-error of the prediction's pixel differences is added: the seams between 8x8 patches are a small
-part of the MSE but most of the difference error. Clips are drawn from
+error of the prediction's pixel differences is added: edges are a small part of the MSE but most
+of the difference error (measured to sharpen the model's frames: benchmarks/RESULTS.md). Clips are drawn from
 `ipro.data.base_clips`, each step's from its own generator keyed by (seed, step, rank,
 micro-batch), so a run resumes exactly like the other methods'.
 
 Besides the shared trainer's checkpoints and logs: every `pretrain.held_out_every` steps the
 x0 loss (plain MSE, whatever the edge weight) on held-out carphone clips is logged (held_out_loss); at the end the EMA weights
-(the trained ones without EMA; with model.architecture.refiner_channels, the refiner's in
-model/refiner) are written to run.output_dir/model, a folder
+(the trained ones without EMA) are written to run.output_dir/model, a folder
 `ipro.models.load_model` reads, and with `pretrain.evaluate_faces` that folder is measured on
 the held-out inputs (face detection rate and dlib FaceSim, beside the real clips') into
 run.output_dir/face_eval.json.
@@ -86,8 +85,6 @@ class PretrainTrainer(Trainer):
             model.start_finetuning("full")
         else:
             model = load_model(resolve_model_path(m.path, self.output_dir), finetune="full")
-        if model.refiner is not None:
-            model.train_refiner()  # it trains with the transformer: in the optimizer, EMA and checkpoints
         model.check_shape(d.num_frames, d.height, d.width)  # before any compute
         return model
 
@@ -175,7 +172,7 @@ class PretrainTrainer(Trainer):
     @torch.no_grad()
     def save_model(self) -> Path:
         """The EMA weights (the trained ones without EMA) as a model folder (model_index.json,
-        transformer/, scheduler/, refiner/ if any), written under a temporary name and renamed."""
+        transformer/, scheduler/), written under a temporary name and renamed."""
         weights = self.ema if self.ema is not None else {k: p.detach() for k, p in self.named_params.items()}
         trained = {k: p.detach().clone() for k, p in self.named_params.items()}
         tmp = self.output_dir / f".tmp-model-{os.getpid()}"
