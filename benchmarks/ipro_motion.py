@@ -27,11 +27,14 @@ VARIANTS = {
     "no frame 0 in pool": {"reward.exclude_first_frame": True},
     "KL 300": {"kl.weight": 300.0},
     "KL 150": {"kl.weight": 150.0},
+    "KL 50": {"kl.weight": 50.0},
     "KL 30": {"kl.weight": 30.0},
     "lr 3e-4": {"optim.lr": 3.0e-4},
     "K=1": {"sampler.grad_steps": 1},
     "KL off": {"kl.weight": 0.0},
     "input_face mode": {"reward.mode": "input_face"},
+    "input_face, lr 3e-4": {"reward.mode": "input_face", "optim.lr": 3.0e-4},
+    "input_face, KL 30": {"reward.mode": "input_face", "kl.weight": 30.0},
 }
 
 
