@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.slow  # one seed per input: 11 + 11 videos, a third of the default demo's
 def test_short_demo_writes_the_report(tmp_path):
     exe = str(Path(sys.executable).with_name("ipro"))
-    out = subprocess.run([exe, "demo", "--out", str(tmp_path), "--steps", "2", "--no-ablations", "--seeds", "1"], capture_output=True, text=True)
+    out = subprocess.run([exe, "demo", "--out", str(tmp_path), "--steps", "2", "--seeds", "1"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     rows = {r["run"]: r for r in summary["rows"]}
@@ -41,7 +41,7 @@ def test_short_demo_writes_the_report(tmp_path):
     # A rerun resumes: nothing is trained, generated or scored again (no file of those stages is rewritten).
     done = {p: p.stat().st_mtime_ns for d in ("runs", "videos", "eval") for p in (tmp_path / d).rglob("*") if p.is_file()}
     assert any(p.name == "metrics.json" for p in done) and any(p.suffix == ".mp4" for p in done)
-    again = subprocess.run([exe, "demo", "--out", str(tmp_path), "--steps", "2", "--no-ablations", "--seeds", "1"], capture_output=True, text=True)
+    again = subprocess.run([exe, "demo", "--out", str(tmp_path), "--steps", "2", "--seeds", "1"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in done} == done
     # Held-out items of another --seeds would mix into the table: refused in one line.

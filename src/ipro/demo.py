@@ -7,8 +7,8 @@
 2. `ipro prepare` curates the training video into clips with face pools.
 3. The base model generates the held-out videos; `ipro eval` scores them, and scores
    the ground-truth clips too: their FaceSim to their own first frame is the ceiling.
-4. IPRO fine-tunes the base model (configs/tiny-cpu-ipro.yaml), and so do the paper's
-   two ablations: KL off, and `input_face` mode instead of the face pool.
+4. IPRO fine-tunes the base model (configs/tiny-cpu-ipro.yaml); with `ablations`, so do
+   the paper's two ablations: KL off, and `input_face` mode instead of the face pool.
 5. Each run generates and is scored again; demo_report.html puts the table (FaceSim,
    share of the gap to the ceiling closed, flicker, dynamic degree, rigid-face rate, each
    a mean over inputs with a 95% bootstrap interval over inputs), the videos side by side
@@ -316,7 +316,7 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations: bool = True, model: str | Path | None = None,
+def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations: bool = False, model: str | Path | None = None,
              grpo: bool = False, seeds: int = len(SEEDS), log=print) -> dict:
     """The whole demo in `out`; seeds: noise seeds per held-out input (0..seeds-1)."""
     from ipro.data.prepare import load_config as prepare_config
