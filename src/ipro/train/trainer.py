@@ -169,7 +169,8 @@ class Trainer:
         if getattr(self, "_monitor", None) is None:
             from ipro.train.monitor import HackingMonitor
 
-            self._monitor = HackingMonitor(self.config.run.rigid_warn_rate, getattr(self.reward, "embedder", None), self.accelerator.device)
+            self._monitor = HackingMonitor(self.config.run.rigid_warn_rise, getattr(self.reward, "embedder", None), self.accelerator.device)
+            self._monitor.load_state_dict(self.__dict__.pop("_monitor_state", {}))
         return self._monitor(frames, step=self.global_step) if self.accelerator.is_main_process else {}
 
     def step(self) -> dict:
@@ -273,6 +274,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_streak": self.nonfinite_streak,
+            "hacking_monitor": self._monitor.state_dict() if getattr(self, "_monitor", None) is not None else self.__dict__.get("_monitor_state", {}),
             "config": self.config.model_dump(mode="json"),
         }
         write_lora = None
@@ -310,6 +312,9 @@ class Trainer:
         self.samples_seen = int(s.get("samples_seen", 0))
         self.nonfinite_total = int(s.get("nonfinite_total", 0))
         self.nonfinite_streak = int(s.get("nonfinite_streak", 0))
+        self._monitor_state = s.get("hacking_monitor", {})  # handed to the monitor when it is built
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.load_state_dict(self.__dict__.pop("_monitor_state"))
         return True
 
     # --- The loop ------------------------------------------------------------------------
