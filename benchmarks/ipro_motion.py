@@ -35,6 +35,8 @@ VARIANTS = {
     "input_face mode": {"reward.mode": "input_face"},
     "input_face, lr 3e-4": {"reward.mode": "input_face", "optim.lr": 3.0e-4},
     "input_face, KL 30": {"reward.mode": "input_face", "kl.weight": 30.0},
+    "face motion 10": {"face_motion.weight": 10.0},
+    "face motion 30": {"face_motion.weight": 30.0},
 }
 
 
