@@ -35,8 +35,11 @@ VARIANTS = {
     "input_face mode": {"reward.mode": "input_face"},
     "input_face, lr 3e-4": {"reward.mode": "input_face", "optim.lr": 3.0e-4},
     "input_face, KL 30": {"reward.mode": "input_face", "kl.weight": 30.0},
-    "face motion 10": {"face_motion.weight": 10.0},
-    "face motion 30": {"face_motion.weight": 30.0},
+    "aligned mode": {"reward.mode": "aligned"},
+    "aligned, KL 50": {"reward.mode": "aligned", "kl.weight": 50.0},
+    "aligned, lr 5e-4": {"reward.mode": "aligned", "optim.lr": 5.0e-4},
+    "aligned, lr 4e-4": {"reward.mode": "aligned", "optim.lr": 4.0e-4},
+    "aligned, KL 70": {"reward.mode": "aligned", "kl.weight": 70.0},
 }
 
 

@@ -64,7 +64,7 @@ def test_grpo_config_with_grad_steps_is_one_line_from_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("method, sections, sampler, comment", [
-    ("ipro", {"kl", "face_motion"}, {"grad_steps", "grad_steps_min"}, "grad_steps: 4  # K: the last K steps"),
+    ("ipro", {"kl"}, {"grad_steps", "grad_steps_min"}, "grad_steps: 4  # K: the last K steps"),
     ("grpo", {"grpo"}, {"noise"}, "noise: flow_grpo  # GRPO's SDE noise level"),
     ("sft", {"sft"}, set(), "face_weight: 0.1  # SFT baseline"),
 ])

@@ -100,15 +100,6 @@ def pools_from_video(embedder: FaceEmbedder, video: torch.Tensor, identity_thres
     return pools
 
 
-def _boxes_by_sample(faces: VideoFaces, b: int) -> torch.Tensor:
-    """(B, M, 4) x0, y0, x1, y1 of every face found in each sample's frames, NaN-padded to the most faces."""
-    counts = torch.bincount(faces.sample.cpu(), minlength=b) if faces.num_faces else torch.zeros(b, dtype=torch.long)
-    out = torch.full((b, int(counts.max()) if b else 0, 4), float("nan"))
-    for i in range(b):
-        out[i, : int(counts[i])] = faces.boxes[faces.sample == i].detach().float().cpu()
-    return out
-
-
 def _mean_by(emb: torch.Tensor, group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean of rows (num_groups, D), and whether the group has any row."""
     sums = emb.new_zeros(num_groups, emb.shape[1]).index_add_(0, group, emb)
@@ -214,7 +205,6 @@ class FaceIdentityReward(Reward):
             f"{n}/unmatched": torch.tensor([r["unmatched"] for r in results]),
             f"{n}/missing": torch.tensor([r["missing"] for r in results]),
             f"{n}/identity_scores": id_table,  # (B, people) mean value per person, NaN if not scored
-            f"{n}/boxes": _boxes_by_sample(gen, b),  # (B, M, 4) the faces found in the scored frames, NaN-padded
         }
         raws = [r["raw"] for r in results]
         return finish(n, self.normalization, raws, per_frame, steps, anchor, self.no_face, logs, details)

@@ -159,14 +159,6 @@ class KLConfig(Section):
     )
 
 
-class FaceMotionConfig(Section):
-    weight: float = Field(0.0, ge=0, description="IPRO only; 0 (default) is off. Weight of a hinge that keeps the faces changing from "
-                          "the first frame at least as much as the base model would: per scored frame, relu(c_base - c), c = 1 - "
-                          "normalized cross-correlation of the gray face region (the boxes the reward found, grown by 1/4) with "
-                          "the first frame's, c_base the same on the base model's clean-clip prediction at the last gradient step. "
-                          "It targets the rigid-face (copy-paste) rate; benchmarks/RESULTS.md has what it did.")
-
-
 class OptimConfig(Section):
     optimizer: Literal["adam", "adamw"] = Field("adam", description="Optimizer.")
     lr: float = Field(2e-5, gt=0, description="Learning rate.")
@@ -332,7 +324,6 @@ class IPROConfig(TrainConfigBase):
     sampler: IPROSamplerConfig = Field(default_factory=IPROSamplerConfig)
     reward: IPRORewardConfig = Field(default_factory=IPRORewardConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
-    face_motion: FaceMotionConfig = Field(default_factory=FaceMotionConfig)
 
 
 class GRPOConfig(TrainConfigBase):
