@@ -16,7 +16,7 @@ def demo_command(
     steps: int = typer.Option(60, min=1, help="IPRO optimizer steps per run."),
     sample_steps: int = typer.Option(4, min=1, help="Sampler steps for the held-out videos (the IPRO preset trains on 4-step rollouts)."),
     ablations: bool = typer.Option(False, "--ablations", help="Also train the paper's two ablations (KL off; input_face "
-                                   "mode) and add their rows: about 3.5 more minutes on 2 cores. The README's table is this run."),
+                                   "mode) and add their rows: about 3 more minutes on 2 cores. The README's table is this run."),
     model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded one)."),
     grpo: bool = typer.Option(False, "--grpo", help="Also train the learned identity reward model and run Identity-GRPO "
                               "with it on the multi-person inputs (about 10 more minutes on 2 cores)."),
@@ -25,7 +25,7 @@ def demo_command(
 ) -> None:
     """Curate real footage, evaluate the base model, fine-tune it with IPRO (and, with
     --ablations, the paper's ablations), evaluate again, and write a before/after report.
-    Seeded; CPU-sized: about 2.5 minutes on 2 cores, 6 with --ablations.
+    Seeded; CPU-sized: about 2 minutes on 2 cores, 5 with --ablations.
 
     Reruns resume: finished steps (curation, checkpoints, videos, scores) are kept.
     """

@@ -266,7 +266,7 @@ class RunConfig(Section):
         "wandb runs offline (WANDB_MODE=offline) unless WANDB_MODE or WANDB_API_KEY is set; its run folder goes to output_dir/wandb.")
     hacking_monitor: bool = Field(True, description="Every log_every steps, log the rigid-face rate (the `ipro eval` measure) and face "
                                   "coverage of the step's decoded rollouts as hacking/rigid_rate and hacking/face_coverage.")
-    rigid_warn_rise: float = Field(0.25, ge=0, le=1, description="Warn once (reward hacking) when the rigid-face rate of the last 16 "
+    rigid_warn_rise: float = Field(0.35, ge=0, le=1, description="Warn once (reward hacking) when the rigid-face rate of the last 16 "
                                    "judged rollouts exceeds that of the run's first 16 by more than this.")
     max_nonfinite: int = Field(5, ge=1, description="Abort after this many non-finite losses in a row (each is skipped).")
     device: str | None = Field(None, description="Force a device; None lets accelerate choose.")
