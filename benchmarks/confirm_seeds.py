@@ -11,19 +11,16 @@ rigid rate minus the base model's with a paired 95% interval (resampling inputs)
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def main() -> None:
-    from ipro.demo import evaluated, generate, per_input, summarize, write_footage
+    from ipro.demo import evaluated, generate, paired_change, summarize, write_footage
     from ipro.eval import Evaluator
-    from ipro.eval.stats import bootstrap_inputs
     from ipro.models import resolve_model_path
-    import json
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders under OUT/runs (e.g. ipro, aligned-kl-70)")
     ap.add_argument("--out", default="runs/ipro_motion")
@@ -53,9 +50,7 @@ def main() -> None:
     base = rows[0]
     print(f"\nseeds {args.seeds}\n| run | gap closed | dynamic degree / base | motion / base | rigid - base (paired) |\n|---|---|---|---|---|")
     for r in rows[1:-1]:
-        b, t = per_input(results["base"], "rigid"), per_input(results[r["run"]], "rigid")
-        keys = sorted(set(b) & set(t))
-        diff = bootstrap_inputs([[b[k], t[k]] for k in keys], lambda x: (x[..., 1] - x[..., 0]).mean(-1))
+        diff = paired_change(results["base"], results[r["run"]], "rigid")
         ratio = lambda k: r[k]["value"] / base[k]["value"] if base[k]["value"] else float("nan")  # noqa: E731
         g = r["gap_closed"]
         print(f"| {r['run']} | {100 * g['value']:+.1f}% [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] | {ratio('dynamic_degree'):.2f} | "

@@ -22,29 +22,35 @@ from pathlib import Path
 
 import torch
 
-# name -> config overrides of configs/tiny-cpu-ipro.yaml (the demo's preset)
+# name -> config overrides of configs/tiny-cpu-ipro.yaml (the demo's preset: pool mode, KL 70 on
+# x0, lr 3e-4). Each row names its learning rate and KL weight, so that it reruns the same
+# settings whatever the preset is now (benchmarks/RESULTS.md, "IPRO variants").
+LR1 = {"optim.lr": 1.0e-4, "kl.weight": 100.0}  # the preset before 2026-12-03
+LR3 = {"optim.lr": 3.0e-4, "kl.weight": 100.0}
 VARIANTS = {
-    "no frame 0 in pool": {"reward.exclude_first_frame": True},
-    "KL 300": {"kl.weight": 300.0},
-    "KL 150": {"kl.weight": 150.0},
-    "KL 50": {"kl.weight": 50.0},
-    "KL 30": {"kl.weight": 30.0},
-    "lr 3e-4": {"optim.lr": 3.0e-4},
-    "K=1": {"sampler.grad_steps": 1},
-    "KL off": {"kl.weight": 0.0},
-    "input_face mode": {"reward.mode": "input_face"},
-    "input_face, lr 3e-4": {"reward.mode": "input_face", "optim.lr": 3.0e-4},
-    "input_face, KL 30": {"reward.mode": "input_face", "kl.weight": 30.0},
-    "aligned mode": {"reward.mode": "aligned"},
-    "aligned, KL 50": {"reward.mode": "aligned", "kl.weight": 50.0},
-    "aligned, lr 5e-4": {"reward.mode": "aligned", "optim.lr": 5.0e-4},
-    "aligned, lr 4e-4": {"reward.mode": "aligned", "optim.lr": 4.0e-4},
-    "aligned, KL 70": {"reward.mode": "aligned", "kl.weight": 70.0},
+    "lr 1e-4, KL 100": LR1,
+    "lr 1e-4, no frame 0 in pool": {**LR1, "reward.exclude_first_frame": True},
+    "lr 1e-4, KL 300": {**LR1, "kl.weight": 300.0},
+    "lr 1e-4, KL 150": {**LR1, "kl.weight": 150.0},
+    "lr 1e-4, KL 50": {**LR1, "kl.weight": 50.0},
+    "lr 1e-4, KL 30": {**LR1, "kl.weight": 30.0},
+    "lr 1e-4, KL off": {**LR1, "kl.weight": 0.0},
+    "lr 1e-4, K=1": {**LR1, "sampler.grad_steps": 1},
+    "lr 1e-4, input_face mode": {**LR1, "reward.mode": "input_face"},
+    "lr 1e-4, input_face, KL 30": {**LR1, "reward.mode": "input_face", "kl.weight": 30.0},
+    "lr 3e-4, KL 100": LR3,
+    "lr 3e-4, KL 70": {**LR3, "kl.weight": 70.0},
+    "lr 3e-4, input_face mode, KL 100": {**LR3, "reward.mode": "input_face"},
+    "lr 3e-4, aligned mode, KL 100": {**LR3, "reward.mode": "aligned"},
+    "lr 3e-4, aligned mode, KL 70": {**LR3, "reward.mode": "aligned", "kl.weight": 70.0},
+    "lr 3e-4, aligned mode, KL 50": {**LR3, "reward.mode": "aligned", "kl.weight": 50.0},
+    "lr 4e-4, aligned mode, KL 100": {**LR3, "reward.mode": "aligned", "optim.lr": 4.0e-4},
+    "lr 5e-4, aligned mode, KL 100": {**LR3, "reward.mode": "aligned", "optim.lr": 5.0e-4},
 }
 
 
 def main() -> None:
-    from ipro.demo import SEEDS, evaluated, generate, run_demo, summarize, table_text, train_run
+    from ipro.demo import SEEDS, evaluated, generate, paired_change, run_demo, summarize, table_text, train_run
     from ipro.eval import Evaluator
     from ipro.eval.evaluator import load_run
     from ipro.models import resolve_model_path
@@ -65,7 +71,7 @@ def main() -> None:
     evaluator = Evaluator()
     results = {"base": load_run(out / "eval" / "base"), "ipro": load_run(out / "eval" / "ipro")}
     for name in args.variants:
-        slug = name.replace(",", "").replace(" ", "-").replace("=", "").lower()  # the demo's names: its KL-off and input_face runs are reused
+        slug = name.replace(",", "").replace(" ", "-").replace("=", "").lower()
         print(f"variant: {name} {VARIANTS[name]}", flush=True)
         lora = train_run(model_path, out / "data", out / "runs" / slug, args.steps, VARIANTS[name])
         videos = generate(model_path, lora, heldout, out / "videos" / slug, 4)
@@ -73,11 +79,12 @@ def main() -> None:
     rows = summarize(results, load_run(out / "eval" / "ground-truth"), about)
     print(table_text(rows, about))
     base = rows[0]
-    print("\n| run | gap closed | dynamic degree / base | motion / base | rigid - base |\n|---|---|---|---|---|")
+    print("\n| run | gap closed | dynamic degree / base | motion / base | rigid - base (paired) |\n|---|---|---|---|---|")
     for r in rows[1:-1]:
         ratio = lambda k: r[k]["value"] / base[k]["value"] if base[k]["value"] else float("nan")  # noqa: E731
-        print(f"| {r['run']} | {100 * r['gap_closed']['value']:+.1f}% | {ratio('dynamic_degree'):.2f} | {ratio('motion_px'):.2f} | "
-              f"{r['rigid']['value'] - base['rigid']['value']:+.2f} |")
+        g, d = r["gap_closed"], paired_change(results["base"], results[r["run"]], "rigid")
+        print(f"| {r['run']} | {100 * g['value']:+.1f}% [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] | {ratio('dynamic_degree'):.2f} | "
+              f"{ratio('motion_px'):.2f} | {d['value']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
     print(f"\n{len(SEEDS)} seeds, {args.steps} steps; {(time.perf_counter() - t0) / 60:.1f} min")
 
 

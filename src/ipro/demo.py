@@ -176,6 +176,12 @@ def _interval(columns: list[dict[str, float]], statistic, names=None) -> dict:
     return bootstrap_inputs(rows, statistic)
 
 
+def paired_change(base: dict, run: dict, key: str) -> dict:
+    """Mean over inputs of run - base for one metric, with its 95% interval resampling inputs
+    (paired: each input's seeds in both runs; the same noise seeds give the same starting noise)."""
+    return _interval([per_input(base, key), per_input(run, key)], lambda x: (x[..., 1] - x[..., 0]).mean(-1))
+
+
 def _mean(x: np.ndarray) -> np.ndarray:
     return x[..., 0].mean(-1)
 
