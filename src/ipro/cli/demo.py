@@ -19,7 +19,7 @@ def demo_command(
                                    "mode) and add their rows: about 3 more minutes on 2 cores. The README's table is this run."),
     model: Optional[Path] = typer.Option(None, help="Base model folder (default: the embedded one)."),
     grpo: bool = typer.Option(False, "--grpo", help="Also train the learned identity reward model and run Identity-GRPO "
-                              "with it on the multi-person inputs (about 10 more minutes on 2 cores)."),
+                              "with it on the multi-person inputs (about 5 more minutes on 2 cores)."),
     seeds: int = typer.Option(3, min=1, help="Noise seeds per held-out input (videos per input). 3 gives the README's "
                               "numbers; 1 generates and scores a third as many videos (the test uses it)."),
 ) -> None:
