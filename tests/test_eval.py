@@ -407,3 +407,46 @@ def test_blockiness_and_facesim_fall(run):
     assert result["aggregate"]["blockiness"]["n"] == 5
     html = (root / "out" / "report.html").read_text()
     assert "report_files/chart_blockiness.png" in html and "FaceSim fall" in html
+
+
+class CountingEvaluator:
+    """The real evaluator, counting the videos it scores."""
+
+    def __init__(self, evaluator):
+        self.evaluator, self.scored = evaluator, []
+
+    def __call__(self, item):
+        self.scored.append(item.name)
+        return self.evaluator(item)
+
+    def __getattr__(self, name):
+        return getattr(self.evaluator, name)
+
+
+def test_eval_resumes_from_its_records_rescoring_only_what_changed(run, clips, embedder, tiny_dino, tmp_path):
+    import shutil
+
+    root, result, metrics = run
+    for sub in ("videos", "inputs", "out"):
+        shutil.copytree(root / sub, tmp_path / sub)
+    journal = tmp_path / "out" / "records.jsonl"
+    assert len(journal.read_text().splitlines()) == len(result["videos"]) == 5
+    # The same evaluator settings as the run fixture's: every record is reused.
+    counting = CountingEvaluator(Evaluator(embedder=embedder, dino=tiny_dino))
+    again = evaluate(tmp_path / "videos", tmp_path / "inputs", tmp_path / "out", evaluator=counting)
+    assert counting.scored == [] and again["videos"] == result["videos"] and again["aggregate"] == result["aggregate"]
+    # A killed run: its last line torn half-way. And one video made again with other content.
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    torn = json.loads(lines[-1])["record"]["name"]
+    write_video(tmp_path / "videos" / "frozen.mp4", clips["natural"][::-1].copy(), fps=30, crf=10)
+    counting = CountingEvaluator(Evaluator(embedder=embedder, dino=tiny_dino))
+    third = evaluate(tmp_path / "videos", tmp_path / "inputs", tmp_path / "out", evaluator=counting)
+    assert sorted(counting.scored) == sorted({torn, "frozen"})
+    rescored = {v["name"]: v["metrics"] for v in third["videos"]}
+    assert metrics["frozen"]["dynamic_degree"] == 0 and rescored["frozen"]["dynamic_degree"] > 0
+    assert all(rescored[k] == metrics[k] for k in metrics if k not in {"frozen", torn})
+    # Settings change the key: another frame limit scores everything again.
+    counting = CountingEvaluator(Evaluator(embedder=embedder, dino=tiny_dino, max_frames=20))
+    evaluate(tmp_path / "videos", tmp_path / "inputs", tmp_path / "out", evaluator=counting)
+    assert len(counting.scored) == 5

@@ -90,6 +90,8 @@ def eval_command(
     """Score generated videos: FaceSim, swaps, coverage, VBench-style quality, rigid faces.
 
     Writes OUT/metrics.json (per video, and the mean with a 95% bootstrap CI per metric; the recognizer used; what was not computed and why) and OUT/report.html (inputs beside videos, a chart per metric). Compare runs with `ipro eval-compare OUT_A OUT_B ...`.
+
+    Reruns resume: each scored video is kept in OUT/records.jsonl, keyed by its files and these settings, so a killed run, or a rerun with some new or changed videos, scores only those.
     """
     from rich.console import Console
 

@@ -8,7 +8,9 @@ the run aggregates each metric as a mean with a 95% bootstrap interval over vide
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -241,11 +243,26 @@ def evaluate(
     items, unmatched = find_items(videos, inputs)
     baseline_runs = [load_run(b) for b in baselines]
     evaluator = evaluator or Evaluator(**evaluator_options)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each scored video is appended to records.jsonl at once, keyed by its files and the
+    # evaluator's settings: a killed run, or a rerun with a few new videos, scores only the rest.
+    journal = out / RECORDS
+    done = _read_records(journal)
     records = []
-    for i, item in enumerate(items):
-        records.append(evaluator(item))
-        if progress:
-            progress(i + 1, len(items), item.name)
+    with open(journal, "a") as log:
+        if journal.stat().st_size and not journal.read_bytes().endswith(b"\n"):
+            log.write("\n")  # a killed run's torn last line stays a line of its own
+        for i, item in enumerate(items):
+            key = _record_key(item, evaluator)
+            if key not in done:
+                done[key] = evaluator(item)
+                log.write(json.dumps({"key": key, "record": done[key]}) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+            records.append(done[key])
+            if progress:
+                progress(i + 1, len(items), item.name)
     seconds: dict[str, float] = defaultdict(float)
     for r in records:
         for k, v in r["seconds"].items():
@@ -269,14 +286,43 @@ def evaluate(
         "seconds": dict(seconds),
         "videos": records,
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     from ipro.eval.report import write_report
 
     write_report(out, [result, *baseline_runs])
     return result
+
+
+RECORDS = "records.jsonl"  # in an eval folder: one scored video per line, for resuming
+
+
+def _record_key(item: EvalItem, evaluator: Evaluator) -> str:
+    """What a video's record depends on: its video, input image, ground truth and pool (their
+    bytes) and the evaluator's settings."""
+    h = hashlib.sha1(json.dumps({"format": FORMAT, "name": item.name, "recognizer": evaluator.recognizer, "threshold": evaluator.threshold,
+                                 "encoders": evaluator.encoders, "max_frames": evaluator.max_frames}, sort_keys=True).encode())
+    for part in (item.video, item.image, item.gt, item.pool):
+        if isinstance(part, np.ndarray):
+            h.update(part.tobytes())
+        elif part is not None and Path(part).is_file():
+            h.update(Path(part).read_bytes())
+        else:
+            h.update(f"<{part}>".encode())
+    return h.hexdigest()
+
+
+def _read_records(journal: Path) -> dict[str, dict]:
+    """key -> record of an earlier (possibly killed) run; a torn last line is ignored."""
+    done = {}
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                done[entry["key"]] = entry["record"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
 
 
 def load_run(path: str | Path) -> dict:
