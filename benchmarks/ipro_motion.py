@@ -40,6 +40,8 @@ VARIANTS = {
     "lr 1e-4, input_face, KL 30": {**LR1, "reward.mode": "input_face", "kl.weight": 30.0},
     "lr 3e-4, KL 100": LR3,
     "lr 3e-4, KL 70": {**LR3, "kl.weight": 70.0},
+    "lr 3e-4, KL 50": {**LR3, "kl.weight": 50.0},
+    "lr 3e-4, KL 150": {**LR3, "kl.weight": 150.0},
     "lr 3e-4, input_face mode, KL 100": {**LR3, "reward.mode": "input_face"},
     "lr 3e-4, aligned mode, KL 100": {**LR3, "reward.mode": "aligned"},
     "lr 3e-4, aligned mode, KL 70": {**LR3, "reward.mode": "aligned", "kl.weight": 70.0},
