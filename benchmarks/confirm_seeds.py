@@ -18,29 +18,25 @@ import torch
 
 
 def main() -> None:
-    from ipro.demo import evaluated, generate, paired_change, summarize, write_footage
+    from ipro.demo import evaluated, generate, ground_truth_scores, summarize, write_footage
     from ipro.eval import Evaluator
     from ipro.models import resolve_model_path
+    from ipro_motion import change_table  # benchmarks/, beside this script
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run folders under OUT/runs (e.g. ipro, aligned-kl-70)")
+    ap.add_argument("runs", nargs="+", help="run folders under OUT/runs (e.g. ipro, lr-3e-4-kl-50)")
     ap.add_argument("--out", default="runs/ipro_motion")
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
-    tag = "seeds-" + "-".join(map(str, args.seeds))
-    root = out / tag
+    root = out / ("seeds-" + "-".join(map(str, args.seeds)))
     _, heldout = write_footage(root / "footage", tuple(args.seeds))
     about = json.loads((root / "footage" / "inputs.json").read_text())
     model = resolve_model_path("builtin", out)
     evaluator = Evaluator()
-    gt = root / "videos" / "ground-truth"
-    gt.mkdir(parents=True, exist_ok=True)
-    for clip in heldout.glob(f"*_s{args.seeds[0]}.mp4"):
-        if not (gt / clip.name).is_file():
-            (gt / clip.name).write_bytes(clip.read_bytes())
-    ceiling = evaluated(gt, heldout, root / "eval" / "ground-truth", evaluator)
+    ceiling = ground_truth_scores(heldout, root, args.seeds[0], evaluator)
     results = {"base": evaluated(generate(model, None, heldout, root / "videos" / "base", 4), heldout, root / "eval" / "base", evaluator)}
     for slug in args.runs:
         lora = out / "runs" / slug / f"checkpoint-{args.steps}" / "lora"
@@ -48,13 +44,7 @@ def main() -> None:
         results[slug] = evaluated(videos, heldout, root / "eval" / slug, evaluator)
     rows = summarize(results, ceiling, about)
     base = rows[0]
-    print(f"\nseeds {args.seeds}\n| run | gap closed | dynamic degree / base | motion / base | rigid - base (paired) |\n|---|---|---|---|---|")
-    for r in rows[1:-1]:
-        diff = paired_change(results["base"], results[r["run"]], "rigid")
-        ratio = lambda k: r[k]["value"] / base[k]["value"] if base[k]["value"] else float("nan")  # noqa: E731
-        g = r["gap_closed"]
-        print(f"| {r['run']} | {100 * g['value']:+.1f}% [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] | {ratio('dynamic_degree'):.2f} | "
-              f"{ratio('motion_px'):.2f} | {diff['value']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}] |")
+    print(f"\nseeds {args.seeds}\n" + change_table(rows, results))
     print(f"base: rigid {base['rigid']['value']:.2f}, dynamic degree {base['dynamic_degree']['value']:.2f}, motion {base['motion_px']['value']:.2f} px")
 
 

@@ -51,8 +51,23 @@ VARIANTS = {
 }
 
 
+def change_table(rows: list[dict], results: dict[str, dict]) -> str:
+    """Point 2's bars per run of `ipro.demo.summarize`'s rows (base first, ceiling last): gap
+    closed, dynamic degree and motion over the base model's, and the paired rigid-rate change."""
+    from ipro.demo import paired_change
+
+    base = rows[0]
+    lines = ["| run | gap closed | dynamic degree / base | motion / base | rigid - base (paired) |", "|---|---|---|---|---|"]
+    for r in rows[1:-1]:
+        ratio = lambda k: r[k]["value"] / base[k]["value"] if base[k]["value"] else float("nan")  # noqa: E731
+        g, d = r["gap_closed"], paired_change(results["base"], results[r["run"]], "rigid")
+        lines.append(f"| {r['run']} | {100 * g['value']:+.1f}% [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] | "
+                     f"{ratio('dynamic_degree'):.2f} | {ratio('motion_px'):.2f} | {d['value']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    from ipro.demo import SEEDS, evaluated, generate, paired_change, run_demo, summarize, table_text, train_run
+    from ipro.demo import SEEDS, evaluated, generate, run_demo, summarize, table_text, train_run
     from ipro.eval import Evaluator
     from ipro.eval.evaluator import load_run
     from ipro.models import resolve_model_path
@@ -80,13 +95,7 @@ def main() -> None:
         results[name] = evaluated(videos, heldout, out / "eval" / slug, evaluator, baselines=[out / "eval" / "base"])
     rows = summarize(results, load_run(out / "eval" / "ground-truth"), about)
     print(table_text(rows, about))
-    base = rows[0]
-    print("\n| run | gap closed | dynamic degree / base | motion / base | rigid - base (paired) |\n|---|---|---|---|---|")
-    for r in rows[1:-1]:
-        ratio = lambda k: r[k]["value"] / base[k]["value"] if base[k]["value"] else float("nan")  # noqa: E731
-        g, d = r["gap_closed"], paired_change(results["base"], results[r["run"]], "rigid")
-        print(f"| {r['run']} | {100 * g['value']:+.1f}% [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}] | {ratio('dynamic_degree'):.2f} | "
-              f"{ratio('motion_px'):.2f} | {d['value']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] |")
+    print("\n" + change_table(rows, results))
     print(f"\n{len(SEEDS)} seeds, {args.steps} steps; {(time.perf_counter() - t0) / 60:.1f} min")
 
 

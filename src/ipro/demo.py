@@ -139,6 +139,17 @@ def evaluated(videos: Path, heldout: Path, out: Path, evaluator, **options) -> d
     return evaluate(videos, heldout, out, evaluator=evaluator, **options)
 
 
+def ground_truth_scores(heldout: Path, out: Path, seed: int, evaluator) -> dict:
+    """The real clips scored as videos (in out/eval/ground-truth): the ceiling. A clip does not
+    depend on the seed, so one seed's copies are scored."""
+    videos = out / "videos" / "ground-truth"
+    videos.mkdir(parents=True, exist_ok=True)
+    for clip in heldout.glob(f"*_s{seed}.mp4"):
+        if not (videos / clip.name).is_file():
+            shutil.copy(clip, videos / clip.name)
+    return evaluated(videos, heldout, out / "eval" / "ground-truth", evaluator)
+
+
 def train_run(model_path: Path, data: Path, out: Path, steps: int, overrides: dict) -> Path:
     """Fine-tune with the CPU preset; resumes if a checkpoint of this run exists."""
     from ipro.train.config import load_config
@@ -358,13 +369,7 @@ def run_demo(out: str | Path, steps: int = 60, sample_steps: int = 4, ablations:
     lap("generate", t)
     t = now()
     results = {"base": evaluated(videos["base"], heldout, out / "eval" / "base", evaluator)}
-    # A ground-truth clip does not depend on the seed: score it once.
-    gt_videos = out / "videos" / "ground-truth"
-    gt_videos.mkdir(parents=True, exist_ok=True)
-    for clip in heldout.glob(f"*_s{seeds[0]}.mp4"):
-        if not (gt_videos / clip.name).is_file():
-            shutil.copy(clip, gt_videos / clip.name)
-    ceiling = evaluated(gt_videos, heldout, out / "eval" / "ground-truth", evaluator)
+    ceiling = ground_truth_scores(heldout, out, seeds[0], evaluator)
     lap("evaluate", t)
     variants = {"ipro": {}}
     if ablations:

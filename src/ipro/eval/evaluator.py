@@ -248,10 +248,10 @@ def evaluate(
     # Each scored video is appended to records.jsonl at once, keyed by its files and the
     # evaluator's settings: a killed run, or a rerun with a few new videos, scores only the rest.
     journal = out / RECORDS
-    done = _read_records(journal)
+    done, torn = _read_records(journal)
     records = []
     with open(journal, "a") as log:
-        if journal.stat().st_size and not journal.read_bytes().endswith(b"\n"):
+        if torn:
             log.write("\n")  # a killed run's torn last line stays a line of its own
         for i, item in enumerate(items):
             key = _record_key(item, evaluator)
@@ -312,17 +312,18 @@ def _record_key(item: EvalItem, evaluator: Evaluator) -> str:
     return h.hexdigest()
 
 
-def _read_records(journal: Path) -> dict[str, dict]:
-    """key -> record of an earlier (possibly killed) run; a torn last line is ignored."""
+def _read_records(journal: Path) -> tuple[dict[str, dict], bool]:
+    """key -> record of an earlier (possibly killed) run, and whether its last line is torn
+    (unterminated; it is ignored)."""
+    text = journal.read_text() if journal.is_file() else ""
     done = {}
-    if journal.is_file():
-        for line in journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-                done[entry["key"]] = entry["record"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            done[entry["key"]] = entry["record"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done, bool(text) and not text.endswith("\n")
 
 
 def load_run(path: str | Path) -> dict:

@@ -278,7 +278,7 @@ class RunConfig(Section):
             raise ValueError("run.report_to is now run.log_with (tensorboard | wandb); rename the key")
         if isinstance(data, dict) and "rigid_warn_rate" in data:
             raise ValueError("run.rigid_warn_rate is now run.rigid_warn_rise: the warning compares the recent rigid-face rate "
-                             "with the run's starting rate (e.g. 0.25 above it); rename the key")
+                             "with the run's starting rate (default: 0.35 above it); rename the key")
         if isinstance(data, dict) and isinstance(data.get("log_with"), str):
             data = {**data, "log_with": [data["log_with"]]}
         return data

@@ -166,12 +166,14 @@ class Trainer:
         frames, self._rollout_frames = self.__dict__.get("_rollout_frames", []), []
         if not frames:
             return {}
-        if getattr(self, "_monitor", None) is None:
-            from ipro.train.monitor import HackingMonitor
+        return self.hacking_monitor(frames, step=self.global_step) if self.accelerator.is_main_process else {}
 
-            self._monitor = HackingMonitor(self.config.run.rigid_warn_rise, getattr(self.reward, "embedder", None), self.accelerator.device)
-            self._monitor.load_state_dict(self.__dict__.pop("_monitor_state", {}))
-        return self._monitor(frames, step=self.global_step) if self.accelerator.is_main_process else {}
+    @functools.cached_property
+    def hacking_monitor(self):
+        """The run's `HackingMonitor` (its verdicts go into checkpoints); face models load on first use."""
+        from ipro.train.monitor import HackingMonitor
+
+        return HackingMonitor(self.config.run.rigid_warn_rise, getattr(self.reward, "embedder", None), self.accelerator.device)
 
     def step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns the logged values."""
@@ -274,7 +276,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_streak": self.nonfinite_streak,
-            "hacking_monitor": self._monitor.state_dict() if getattr(self, "_monitor", None) is not None else self.__dict__.get("_monitor_state", {}),
+            "hacking_monitor": self.hacking_monitor.state_dict(),
             "config": self.config.model_dump(mode="json"),
         }
         write_lora = None
@@ -312,9 +314,7 @@ class Trainer:
         self.samples_seen = int(s.get("samples_seen", 0))
         self.nonfinite_total = int(s.get("nonfinite_total", 0))
         self.nonfinite_streak = int(s.get("nonfinite_streak", 0))
-        self._monitor_state = s.get("hacking_monitor", {})  # handed to the monitor when it is built
-        if getattr(self, "_monitor", None) is not None:
-            self._monitor.load_state_dict(self.__dict__.pop("_monitor_state"))
+        self.hacking_monitor.load_state_dict(s.get("hacking_monitor", {}))
         return True
 
     # --- The loop ------------------------------------------------------------------------
